@@ -1,0 +1,19 @@
+"""Shared test configuration: Triton interpreter on CPU, deterministic hypothesis runs."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit function is defined (kernels/__init__ does the same).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# CI is a 2-core machine and the Triton interpreter is slow: cap examples, no deadline, and
+# derandomise so that a green run is reproducible. Individual tests may lower max_examples.
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
