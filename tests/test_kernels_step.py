@@ -1,0 +1,361 @@
+"""Fused sampler-step kernels (kernels/sampler_step.py) against their oracle, wgfcore.ops.
+
+On CPU the kernels run in the Triton interpreter (no bfloat16 there): shapes stay small and
+hypothesis examples are capped. The bfloat16 cases run only where a GPU compiles the kernels.
+"""
+import inspect
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+import kernels
+from kernels import sampler_step as ks
+from wgfcore import ops
+from wgfcore.metrics import gaussian_fit, w2_gaussian
+from wgfcore.sample import TorchSteps, make_steps, sample
+from wgfcore.scores import gaussian
+
+DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
+needs_gpu = pytest.mark.skipif(kernels.INTERPRETED, reason="the Triton interpreter has no bfloat16")
+DTYPES_LOW = [torch.float16, pytest.param(torch.bfloat16, marks=needs_gpu)]
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(1, 5), st.lists(st.integers(1, 9), min_size=0, max_size=3)).map(
+    lambda t: (t[0], *t[1]))
+coef_kinds = st.sampled_from(["float", "scalar", "per_sample", "per_sample_f64"])
+
+
+def make_coef(kind, B, rng):
+    v = rng.uniform(-3.0, 3.0, size=B)
+    if kind == "float":
+        return float(v[0])
+    if kind == "scalar":
+        return torch.tensor(float(v[0]), device=DEVICE)
+    if kind == "per_sample":
+        return torch.tensor(v, dtype=torch.float32, device=DEVICE)
+    return torch.tensor(v, dtype=torch.float64, device=DEVICE)
+
+
+def coef64(c, x):
+    """A coefficient in float64, broadcastable against x (the exact reference)."""
+    if not torch.is_tensor(c):
+        return float(c)
+    c = c.to(torch.float64)
+    return c if c.ndim == 0 else c.view(-1, *([1] * (x.ndim - 1)))
+
+
+# Each case: (kernel call, oracle call, [(coefficient, tensor) terms]), given tensors and coefficients.
+OPS = {
+    "predict": (2, 2, False),  # (tensors, coefficients, has noise)
+    "em": (2, 2, True),
+    "em_no_noise": (2, 2, False),
+    "project": (2, 1, True),
+    "project_no_noise": (2, 1, False),
+    "heun": (4, 4, False),
+}
+
+
+def run_case(name, T, C, z):
+    """(kernel output, oracle output, [(coef, tensor)] terms of the sum) for op `name`."""
+    if name == "predict":
+        return ks.predict(T[0], T[1], *C), ops.predict(T[0], T[1], *C), list(zip(C, T))
+    if name == "em":
+        return (ks.em(T[0], T[1], C[0], C[1], C[2], z=z), ops.em_step(T[0], T[1], z, *C),
+                list(zip(C, [T[0], T[1], z])))
+    if name == "em_no_noise":
+        return ks.em(T[0], T[1], *C), ops.em_step(T[0], T[1], None, *C, None), list(zip(C, T))
+    if name == "project":
+        return (ks.project(T[0], T[1], C[0], C[1], z=z), ops.project(T[0], T[1], z, *C),
+                list(zip([1.0, *C], [T[0], T[1], z])))
+    if name == "project_no_noise":
+        return ks.project(T[0], T[1], C[0]), ops.project(T[0], T[1], None, C[0], None), list(zip([1.0, *C], T))
+    if name == "heun":
+        return ks.heun(*T, *C), ops.heun_correct(*T, *C), list(zip(C, T))
+    raise AssertionError(name)
+
+
+def draw_case(data, dtype):
+    name = data.draw(st.sampled_from(sorted(OPS)), label="op")
+    shape = data.draw(shapes, label="shape")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    n_t, n_c, noisy = OPS[name]
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    T = [torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) for _ in range(n_t)]
+    C = [make_coef(data.draw(coef_kinds, label=f"c{i}"), shape[0], rng) for i in range(n_c + noisy)]
+    z = torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) if noisy else None
+    return name, T, C, z
+
+
+# --- explicit-noise mode equals wgfcore.ops -----------------------------------------------------
+
+@settings(max_examples=20)
+@given(data=st.data())
+def test_fp32_equals_ops(data):
+    name, T, C, z = draw_case(data, torch.float32)
+    out, ref, terms = run_case(name, T, C, z)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    # rtol 1e-6 of the terms' magnitude: a few fp32 ulps, whatever cancellation there is in the sum
+    # (the GPU may contract a*b + c into one FMA; the interpreter agrees bit for bit).
+    scale = sum(abs(coef64(c, t)) * t.double().abs() for c, t in terms)
+    err = (out.double() - ref.double()).abs()
+    assert bool((err <= 1e-6 * scale).all()), f"{name}: max err {float(err.max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES_LOW)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_low_precision_no_worse_than_torch(dtype, data):
+    name, T, C, z = draw_case(data, dtype)
+    out, ref, terms = run_case(name, T, C, z)
+    assert out.dtype == dtype
+    exact = sum(coef64(c, t) * t.double() for c, t in terms)
+    err_kernel = float((out.double() - exact).abs().max())
+    err_torch = float((ref.double() - exact).abs().max())
+    # Flash-attention rule: the kernel's error vs an fp64 reference is at most 2x torch's own.
+    assert err_kernel <= 2.0 * err_torch, f"{name}: kernel {err_kernel:.3g} vs torch {err_torch:.3g}"
+
+
+def test_out_may_alias_the_state():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 700, generator=g).to(DEVICE)
+    s = torch.randn(3, 700, generator=g).to(DEVICE)
+    c = torch.tensor([0.5, 1.0, 2.0], device=DEVICE)
+    expected = ks.em(x, s, c, -0.25, 0.3, seed=3, step=4)
+    ks.em(x, s, c, -0.25, 0.3, seed=3, step=4, out=x)
+    assert torch.equal(x, expected)
+
+
+def test_empty_tensor():
+    x = torch.empty(0, 3, device=DEVICE)
+    assert ks.em(x, x.clone(), 1.0, 2.0, 0.5, seed=1, step=0).shape == (0, 3)
+
+
+# --- in-kernel noise ----------------------------------------------------------------------------
+
+def noise(shape, seed, step, c_z=1.0, dtype=torch.float32):
+    """The in-kernel z itself: em with x = s = 0 and c_z = 1 returns exactly c_z z."""
+    zeros = torch.zeros(shape, dtype=dtype, device=DEVICE)
+    return ks.em(zeros, zeros, 0.0, 0.0, c_z, seed=seed, step=step)
+
+
+# Sample sizes. Under independence, a sample mean has sd 1/sqrt(n), a sample variance sqrt(2/n)
+# and a sample correlation ~1/sqrt(n). Bounds of 6 sd have a two-sided false-failure probability
+# of 2e-9 per check; KS is required to have p > 1e-6. With ~20 checks the suite's chance of a
+# false failure for a correct generator (over the choice of seeds) is below 1e-4. Ones that a
+# broken key or layout would produce (identical streams, corr 1; shared Box-Muller radius;
+# a 10% variance error) are many times these bounds.
+N_BIG = 4 * ks.NOISE_R * 16      # 65536: 6/sqrt(n) = 0.023
+N_PAIR = 4 * ks.NOISE_R * 4 - 5  # 16379, with a ragged tail: 6/sqrt(n) = 0.047
+
+
+@pytest.fixture(scope="module")
+def big_noise():
+    return noise((16, N_BIG // 16), seed=1234, step=7).flatten().double().cpu()
+
+
+def test_noise_moments_and_ks(big_noise):
+    z, n = big_noise, big_noise.numel()
+    assert abs(float(z.mean())) <= 6 / math.sqrt(n)
+    assert abs(float(z.var()) - 1.0) <= 6 * math.sqrt(2.0 / n)
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-6
+
+
+def corr(a, b):
+    a, b = a.flatten().double().cpu(), b.flatten().double().cpu()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_noise_neighbours_uncorrelated(big_noise):
+    z, n, R = big_noise, big_noise.numel(), ks.NOISE_R
+    bound = 6 / math.sqrt(n)
+    # lag 1: neighbouring elements; lag R: two outputs of one Box-Muller pair (same Philox counter,
+    # same radius, so also check the squares); lag 2R: the other Box-Muller pair of that counter.
+    for lag in (1, R, 2 * R, 3 * R):
+        assert abs(corr(z[:-lag], z[lag:])) <= bound, f"lag {lag}"
+        assert abs(corr(z[:-lag] ** 2, z[lag:] ** 2)) <= bound, f"lag {lag}, squares"
+
+
+def test_noise_same_key_identical_and_keys_independent():
+    base = noise(N_PAIR, seed=5, step=3)
+    assert torch.equal(base, noise(N_PAIR, seed=5, step=3))
+    bound = 6 / math.sqrt(N_PAIR)
+    # Other step, other seed, and the swaps that a naive seed + step (or seed * k + step) would alias.
+    for seed, step in [(5, 4), (6, 3), (3, 5), (4, 4), (6, 2), (5 + 2**16, 3)]:
+        other = noise(N_PAIR, seed=seed, step=step)
+        assert abs(corr(base, other)) <= bound, (seed, step)
+
+
+def test_noise_depends_only_on_key_and_offset(monkeypatch):
+    z = noise((3, 1000), seed=9, step=2)
+    # Storage dtype: fp16 output is the fp32 noise rounded once.
+    assert torch.equal(noise((3, 1000), seed=9, step=2, dtype=torch.float16), z.half())
+    # Shape: the same 3000 offsets give the same values whatever the (B, ...) split.
+    assert torch.equal(noise((3000,), seed=9, step=2), z.flatten())
+    # Launch configuration: the GPU takes 2 groups per program on large tensors.
+    monkeypatch.setattr(ks, "_launch_config", lambda numel: (2, 4))
+    assert torch.equal(noise((3, 1000), seed=9, step=2), z)
+
+
+def test_noise_per_sample_coefficient():
+    c = torch.tensor([0.5, -2.0, 3.0], device=DEVICE)
+    z = noise((3, 900), seed=1, step=0)
+    assert torch.equal(noise((3, 900), seed=1, step=0, c_z=c), c[:, None] * z)
+
+
+# --- TritonSteps as a sampler backend -----------------------------------------------------------
+
+def test_tritonsteps_mirrors_torchsteps():
+    assert ks.TritonSteps.name == "triton"
+    for m in ("predict", "em", "project", "heun"):
+        assert inspect.signature(getattr(ks.TritonSteps, m)) == inspect.signature(getattr(TorchSteps, m)), m
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert isinstance(make_steps("triton", DEVICE, seed=3), ks.TritonSteps)
+
+
+TARGET = gaussian([1.0, -0.5], [[0.6, 0.2], [0.2, 1.5]])
+N_SAMPLES, N_STEPS = 2000, 20
+
+
+def run_sampler(sampler, backend, seed, n=N_SAMPLES):
+    sf = TARGET.score_fn()
+    # Any analytic field serves as the projection T for this comparison; the marginal score at
+    # t_{i+1} keeps every update affine in Gaussians, so the output law is exactly Gaussian.
+    kw = dict(proj_fn=sf, delta_p=1.0) if sampler == "predict_project" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the interpreter warning
+        return sample(sf, (n, 2), N_STEPS, sampler=sampler, seed=seed, backend=backend,
+                      device=DEVICE, **kw)
+
+
+def fits_w2(x, y):
+    return w2_gaussian(*gaussian_fit(x), *gaussian_fit(y))
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "predict_project"])
+def test_sampler_matches_torch_in_distribution(sampler):
+    x_tri = run_sampler(sampler, "triton", seed=11)
+    x_tor = run_sampler(sampler, "torch", seed=12)
+    assert torch.isfinite(x_tri).all()
+    m_t, S_t = TARGET.mean(), TARGET.cov()
+    w_tri = w2_gaussian(*gaussian_fit(x_tri), m_t, S_t)
+    w_tor = w2_gaussian(*gaussian_fit(x_tor), m_t, S_t)
+    # Sampling error of these estimators at this n, by parametric bootstrap from the torch run's
+    # fitted law (exact here: the output is Gaussian). Independent runs: sd of the difference is
+    # sqrt(2) sd; 6 of those bound a false failure by ~2e-9 under normality of the estimator.
+    m, S = gaussian_fit(x_tor)
+    L = np.linalg.cholesky(S)
+    rng = np.random.default_rng(0)
+    boot_to_target, boot_between = [], []
+    for _ in range(200):
+        a = m + rng.standard_normal((N_SAMPLES, 2)) @ L.T
+        b = m + rng.standard_normal((N_SAMPLES, 2)) @ L.T
+        boot_to_target.append(w2_gaussian(*gaussian_fit(a), m_t, S_t))
+        boot_between.append(fits_w2(a, b))
+    sd = float(np.std(boot_to_target))
+    assert abs(w_tri - w_tor) <= 6 * math.sqrt(2) * sd, (w_tri, w_tor, sd)
+    # And directly: the two fitted laws are no further apart than two same-law fits usually are.
+    between = np.asarray(boot_between)
+    assert fits_w2(x_tri, x_tor) <= between.mean() + 6 * between.std(), (fits_w2(x_tri, x_tor), between.mean())
+
+
+def test_heun_ode_matches_torch_elementwise():
+    # No noise: same seed, same prior draw, so the two backends agree sample for sample, up to
+    # fp32 rounding accumulated over 20 steps (bit for bit in the interpreter).
+    x_tri = run_sampler("heun_ode", "triton", seed=4, n=500)
+    x_tor = run_sampler("heun_ode", "torch", seed=4, n=500)
+    torch.testing.assert_close(x_tri, x_tor, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_sampler_deterministic():
+    a = run_sampler("predict_project", "triton", seed=21, n=300)
+    assert torch.equal(a, run_sampler("predict_project", "triton", seed=21, n=300))
+    assert not torch.equal(a, run_sampler("predict_project", "triton", seed=22, n=300))
+
+
+# --- bad input fails early with a clear error ---------------------------------------------------
+
+def _xs(shape=(2, 8), dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype, device=DEVICE), torch.zeros(shape, dtype=dtype, device=DEVICE)
+
+
+def test_dtype_mismatch():
+    x, s = _xs()
+    with pytest.raises(TypeError, match="s has dtype torch.float16 but x has torch.float32"):
+        ks.predict(x, s.half(), 1.0, 1.0)
+    with pytest.raises(TypeError, match="z has dtype"):
+        ks.em(x, s, 1.0, 1.0, 1.0, z=s.half())
+
+
+def test_unsupported_dtype():
+    x, s = _xs(dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16"):
+        ks.em(x, s, 1.0, 1.0)
+
+
+def test_device_mismatch():
+    x, _ = _xs()
+    with pytest.raises(ValueError, match="s is on meta"):
+        ks.predict(x, torch.empty(2, 8, device="meta"), 1.0, 1.0)
+    with pytest.raises(ValueError, match="coefficient c_s is on meta"):
+        ks.predict(x, x, 1.0, torch.empty((), device="meta"))
+    m = torch.empty(2, 8, device="meta")
+    with pytest.raises(ValueError, match="tensors must be on CUDA"):
+        ks.predict(m, m, 1.0, 1.0)
+
+
+def test_bad_coefficient():
+    x, s = _xs()
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(2,\), got shape \(3,\)"):
+        ks.em(x, s, torch.ones(3, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match=r"got shape \(2, 1\)"):
+        ks.heun(x, s, x, s, 1.0, 1.0, torch.ones(2, 1, device=DEVICE), 1.0)
+    with pytest.raises(TypeError, match="floating tensor"):
+        ks.predict(x, s, torch.ones(2, dtype=torch.int64, device=DEVICE), 1.0)
+    with pytest.raises(TypeError, match="python number or a tensor"):
+        ks.predict(x, s, "1.0", 1.0)
+
+
+def test_shape_mismatch_and_layout():
+    x, _ = _xs()
+    with pytest.raises(ValueError, match=r"T has shape \(2, 9\), expected x_pred's shape \(2, 8\)"):
+        ks.project(x, torch.zeros(2, 9, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        y = torch.zeros(8, 2, device=DEVICE).t()
+        ks.predict(y, y.contiguous(), 1.0, 1.0)
+    with pytest.raises(ValueError, match="0-d"):
+        ks.predict(torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE), 1.0, 1.0)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        ks.predict([1.0], x, 1.0, 1.0)
+
+
+def test_noise_arguments():
+    x, s = _xs()
+    with pytest.raises(ValueError, match="pass z, or seed= and step="):
+        ks.em(x, s, 1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="c_z is None"):
+        ks.project(x, s, 1.0, z=s)
+    with pytest.raises(ValueError, match="not both"):
+        ks.em(x, s, 1.0, 1.0, 0.5, z=s, seed=1, step=0)
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*32\)"):
+        ks.em(x, s, 1.0, 1.0, 0.5, seed=-1, step=0)
+    with pytest.raises(TypeError, match="step must be a python int"):
+        ks.em(x, s, 1.0, 1.0, 0.5, seed=1, step=torch.tensor(0))
+    with pytest.raises(ValueError, match="seed must lie"):
+        ks.TritonSteps(seed=2**32, device=DEVICE)
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="interpreter-only restriction")
+def test_interpreter_rejects_bfloat16():
+    x, s = _xs(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="no bfloat16"):
+        ks.predict(x, s, 1.0, 1.0)
