@@ -137,6 +137,7 @@ def _tweedie(sde, x, s, t):
     return (x + _bcast(sde.sigma(t) ** 2, x) * s) / _bcast(sde.alpha(t), x)
 
 
+
 def _emit(callback, sde, i, ts, x_prev, x, s, **extra):
     if callback is None:
         return
@@ -293,6 +294,7 @@ class _Counted:
         return self.fn(x, t)
 
 
+@torch.no_grad()  # sampling never needs gradients; without this, networks with parameters build a graph over all N steps
 def sample(score_fn: ScoreFn, shape, steps: int, sampler: str = "predict_project", proj_fn: ScoreFn | None = None,
            delta_p: float | None = None, a: float = 1.0, sde: VPSDE | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, device=None, dtype: torch.dtype = torch.float32,
@@ -365,5 +367,24 @@ def eps_to_score(eps_model: ScoreFn, sde: VPSDE | None = None) -> ScoreFn:
     return score_fn
 
 
-__all__ = ["sample", "euler_maruyama", "predict_project", "reverse_sde", "heun_ode", "langevin", "SAMPLERS",
+def tweedie_proj_fn(score_fn: ScoreFn, steps: int, sde: VPSDE | None = None, eps: float = 1e-3) -> ScoreFn:
+    """A training-free projection T built from the score by Tweedie's formula (our ablation, not the paper's).
+
+    The optimum of the projection loss (ALGORITHMS §3) is T* = (alpha_{t'} E[x_0 | x_pred] - x_pred) / (1 + kappa),
+    kappa = sqrt(beta(t)) / 2, t = t' + dtau. Treating x_pred as a draw of mu_{t'}, E[x_0 | x_pred] is
+    approximated by Tweedie at t'. It costs one extra score evaluation per step, like a learned T.
+    """
+    sde = sde or VPSDE()
+    dtau = (1.0 - eps) / steps
+
+    def proj_fn(x, t_prev):
+        from .sde import _bcast
+        x0_hat = _tweedie(sde, x, score_fn(x, t_prev), t_prev)
+        kappa = torch.sqrt(sde.beta(t_prev.to(torch.float64) + dtau)) / 2
+        return (_bcast(sde.alpha(t_prev), x) * x0_hat - x) / _bcast(1.0 + kappa, x)
+
+    return proj_fn
+
+
+__all__ = ["sample", "tweedie_proj_fn", "euler_maruyama", "predict_project", "reverse_sde", "heun_ode", "langevin", "SAMPLERS",
            "NFE_PER_STEP", "nfe", "eps_to_score", "TorchSteps", "make_steps"]
