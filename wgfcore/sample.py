@@ -78,7 +78,7 @@ def make_steps(backend: str, device, generator=None, seed: int | None = None):
         raise ImportError(f"backend='triton' needs the `kernels` package and triton: {e}") from e
     if device.type != "cuda" and not _warned_interpreter:
         warnings.warn("backend='triton' on CPU runs the Triton interpreter: a correctness mode, not a fast path",
-                      stacklevel=3)
+                      stacklevel=4)  # make_steps <- sample <- no_grad wrapper <- caller
         _warned_interpreter = True
     if seed is None:
         # One draw before the loop: the in-kernel Philox stream is keyed by (seed, step, offset).
