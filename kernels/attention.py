@@ -34,7 +34,7 @@ _MAX_GRID_DIM1 = 65535
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE2,
     sq_b, sq_h, sq_l,
     sk_b, sk_h, sk_l,
     sv_b, sv_h, sv_l,
@@ -85,9 +85,10 @@ def _fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-    # Natural-log LSE, the quantity the backward pass recomputes P from.
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + bh * L + offs_m, lse, mask=row_ok)
+    # Base-2 LSE of the base-2 logits: the backward recomputes P = exp2(S2 - LSE2) from
+    # exactly the same S2 (same dot, same fp32 multiplier), so no log/exp base
+    # conversion adds rounding at the logits' magnitude, which can be large.
+    tl.store(LSE2 + bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -116,14 +117,14 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
     sq_b, sq_h, sq_l,
     sk_b, sk_h, sk_l,
     sv_b, sv_h, sv_l,
     sdo_b, sdo_h, sdo_l,
     sdk_b, sdk_h, sdk_l,
     sdv_b, sdv_h, sdv_l,
-    H, L, scale,
+    H, L, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -146,7 +147,6 @@ def _bwd_dkdv_kernel(
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    qk_scale_log2 = scale * 1.4426950408889634
 
     q_base = Q + b * sq_b + h * sq_h
     do_base = DO + b * sdo_b + h * sdo_h
@@ -155,9 +155,9 @@ def _bwd_dkdv_kernel(
         row_ok = offs_m < L
         q = tl.load(q_base + offs_m[:, None] * sq_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdo_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-        # Transposed tile: rows are keys, columns are queries, P^T = exp(S^T - lse).
+        # Transposed tile: rows are keys, columns are queries, P^T = exp2(S2^T - LSE2).
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2
         p_t = tl.exp2(s_t - lse2[None, :])
         p_t = tl.where(row_ok[None, :] & col_ok[:, None], p_t, 0.0)
@@ -175,13 +175,13 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE2, DELTA, DQ,
     sq_b, sq_h, sq_l,
     sk_b, sk_h, sk_l,
     sv_b, sv_h, sv_l,
     sdo_b, sdo_h, sdo_l,
     sdq_b, sdq_h, sdq_l,
-    H, L, scale,
+    H, L, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -202,10 +202,9 @@ def _bwd_dq_kernel(
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    qk_scale_log2 = scale * 1.4426950408889634
 
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -331,19 +330,19 @@ def _strides(x: torch.Tensor):
 def _forward(q, k, v, scale):
     B, H, L, D = q.shape
     o = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     cfg = _config("fwd", L, D, q.dtype)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
     _fwd_kernel[grid](
-        q, k, v, o, lse,
+        q, k, v, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, L, scale * _LOG2E,
         D=D, PRECISION=_precision(q.dtype), **cfg,
     )
-    return o, lse
+    return o, lse2
 
 
-def _backward(q, k, v, o, lse, do, scale):
+def _backward(q, k, v, o, lse2, do, scale):
     B, H, L, D = q.shape
     do = _unit_last(do)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -357,32 +356,32 @@ def _backward(q, k, v, o, lse, do, scale):
         o, do, delta, *_strides(o), *_strides(do), H, L, D=D, BLOCK_M=pre_block,
     )
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse2, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, L, scale, D=D, PRECISION=prec, **cfg,
+        H, L, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
     )
     _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq,
+        q, k, v, do, lse2, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, L, scale, D=D, PRECISION=prec, **cfg,
+        H, L, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
     )
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: saves (q, k, v, o, lse) only, never the L x L matrix P."""
+    """Autograd wrapper: saves (q, k, v, o, base-2 LSE) only, never the L x L matrix P."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        o, lse = _forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse2 = _forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse2)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.scale)
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse2, do, ctx.scale)
         return dq, dk, dv, None
 
 
@@ -390,10 +389,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """Forward only, without autograd: returns ``(o, lse)``.
 
     ``o = softmax(q k^T * scale) v`` with shape (B, H, L, D) in the input dtype, and
-    ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` in float32, shape (B, H, L).
+    ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` (natural log) in float32, shape
+    (B, H, L): the statistic the backward pass recomputes P from.
     """
     scale = _check_inputs(q, k, v, scale)
-    return _forward(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+    o, lse2 = _forward(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+    return o, lse2 * _LN2
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
