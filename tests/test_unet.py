@@ -1,0 +1,176 @@
+"""ADM U-Net (wgfcore/nets/unet.py): shapes, presets, input checks, and agreement of the
+"math", "sdpa" and "triton" attention backends in outputs and gradients."""
+import copy
+import re
+
+import pytest
+import torch
+
+from wgfcore.nets import ATTENTION_BACKENDS, MLP, PRESETS, UNet
+
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def randomised(net: UNet, seed: int = 0) -> UNet:
+    # ADM zero-initialises the attention output projections and the last conv of every
+    # residual branch, so a fresh net ignores attention entirely. Give every parameter that
+    # is still all-zero random values, so each attention block affects the output.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+def run(net, x, t):
+    """Output and the gradients of a fixed random functional w.r.t. x and all parameters."""
+    x = x.clone().requires_grad_()
+    out = net(x, t)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    (out * w).sum().backward()
+    grads = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in net.parameters()])
+    net.zero_grad(set_to_none=True)
+    return out.detach().double(), grads.double()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    torch.manual_seed(0)
+    net = randomised(UNet.from_preset("tiny")).eval()
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([0.05, 0.7])
+    ref = run(copy.deepcopy(net).double(), x.double(), t.double())  # fp64 "math" network
+    return net, x, t, ref
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_backends_agree_with_math_in_output_and_gradients(tiny_setup, backend):
+    # All backends compute softmax(q k^T / sqrt(d)) v in fp32. Principled tolerance as in
+    # tests/test_attention.py: each backend's error against the fp64 "math" network must be
+    # at most twice that of the fp32 "math" network, plus one fp32 ulp at the output scale
+    # (both round to fp32; the floor covers a lucky exact reference).
+    net, x, t, (out_ref, grad_ref) = tiny_setup
+    if backend == "triton":
+        pytest.importorskip("triton")
+    out_math, grad_math = run(net.set_attention_backend("math"), x, t)
+    out_b, grad_b = run(net.set_attention_backend(backend), x, t)
+    assert net.attention_backend == backend
+    assert out_b.shape == x.shape
+    for name, got, base, ref in (("output", out_b, out_math, out_ref), ("gradient", grad_b, grad_math, grad_ref)):
+        err_b = (got - ref).abs().max().item()
+        err_math = (base - ref).abs().max().item()
+        floor = F32_EPS * max(1.0, ref.abs().max().item())
+        assert err_b <= 2 * err_math + floor, f"{backend} {name}: {err_b:.3e} vs math {err_math:.3e}"
+    net.set_attention_backend("math")
+
+
+def test_attention_blocks_are_live(tiny_setup):
+    # Guards the test above: with attention switched off (identity v -> v) the output
+    # must change, otherwise backend agreement would be vacuous.
+    net, x, t, (out_ref, _) = tiny_setup
+    net.set_attention_backend("math")
+    blocks = [m for m in net.modules() if type(m).__name__ == "AttentionBlock"]
+    assert len(blocks) == 4  # at 8 x 8: 1 in the encoder, 1 in the middle, 2 in the decoder
+    original = blocks[0].attend
+    blocks[0].attend = lambda q, k, v: v
+    try:
+        with torch.no_grad():
+            changed = net(x, t).double()
+    finally:
+        blocks[0].attend = original
+    assert (changed - out_ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("in_channels, res", [(1, 16), (3, 16), (1, 8), (3, 32)])
+def test_tiny_shapes(in_channels, res):
+    net = UNet.from_preset("tiny", in_channels=in_channels, img_resolution=res)
+    x = torch.randn(3, in_channels, res, res)
+    with torch.no_grad():
+        out = net(x, torch.rand(3))
+    assert out.shape == x.shape
+    # Preset attention resolutions scale with img_resolution: always at the lowest level.
+    blocks = [m for m in net.modules() if type(m).__name__ == "AttentionBlock"]
+    assert len(blocks) == 4
+
+
+def test_out_channels_and_resblock_resampling():
+    net = randomised(UNet(16, 3, out_channels=2, model_channels=32, channel_mult=(1, 2, 2),
+                          num_res_blocks=1, attn_resolutions=(8, 4), head_channels=32,
+                          dropout=0.1, resample="resblock"))
+    x = torch.randn(2, 3, 16, 16)
+    out = net(x, torch.rand(2))
+    assert out.shape == (2, 2, 16, 16)
+    net.eval()
+    with torch.no_grad():
+        a, b = net(x, torch.full((2,), 0.3)), net(x, torch.full((2,), 0.3))
+        c = net(x, torch.full((2,), 0.9))
+    assert torch.equal(a, b)  # eval mode: dropout is off
+    assert (a - c).abs().max() > 1e-4  # the time embedding reaches the output
+    net.train()
+    with torch.no_grad():
+        assert not torch.equal(net(x, torch.full((2,), 0.3)), net(x, torch.full((2,), 0.3)))
+
+
+def test_adm64_parameter_count_matches_docstring():
+    with torch.device("meta"):
+        net = UNet.from_preset("adm64")
+    n = net.num_parameters()
+    documented = re.search(r"dropout 0\.1:\s+([\d,]+) parameters", UNet.__doc__)
+    assert documented is not None
+    assert n == int(documented.group(1).replace(",", ""))
+    with torch.device("meta"):
+        assert UNet.from_preset("tiny").num_parameters() == 755_009
+        assert UNet.from_preset("tiny", in_channels=3).num_parameters() == 756_163
+    assert "755,009" in UNet.__doc__ and "756,163" in UNet.__doc__
+    assert set(PRESETS) == {"adm64", "tiny"}
+
+
+@pytest.mark.parametrize(
+    "x_shape, t, match",
+    [
+        ((2, 3, 16, 16), torch.rand(2), r"x of shape \(B, 1, 16, 16\)"),
+        ((2, 1, 8, 8), torch.rand(2), r"x of shape \(B, 1, 16, 16\)"),
+        ((1, 16, 16), torch.rand(1), r"x of shape"),
+        ((2, 1, 16, 16), torch.rand(2, 1), r"t of shape \(2,\)"),
+        ((2, 1, 16, 16), torch.tensor(0.5), r"t of shape \(2,\)"),
+        ((2, 1, 16, 16), torch.rand(3), r"t of shape \(2,\)"),
+        ((2, 1, 16, 16), torch.tensor([10, 20]), r"float forward time"),
+    ],
+)
+def test_bad_inputs_raise_before_convs(x_shape, t, match):
+    net = UNet.from_preset("tiny")
+    with pytest.raises(ValueError, match=match):
+        net(torch.randn(*x_shape), t)
+
+
+def test_bad_construction_and_backend_names():
+    with pytest.raises(ValueError, match=r"choose from \('math', 'sdpa', 'triton'\)"):
+        UNet.from_preset("tiny", attn_backend="flash")
+    net = UNet.from_preset("tiny")
+    with pytest.raises(ValueError, match="choose from"):
+        net.set_attention_backend("cudnn")
+    with pytest.raises(ValueError, match="unknown preset"):
+        UNet.from_preset("adm256")
+    with pytest.raises(ValueError, match="not among this network's resolutions"):
+        UNet.from_preset("tiny", attn_resolutions=(5,))
+    with pytest.raises(ValueError, match="divisible"):
+        UNet.from_preset("tiny", img_resolution=15)
+    with pytest.raises(ValueError, match="head_channels dividing"):
+        UNet.from_preset("tiny", head_channels=48)
+    with pytest.raises(ValueError, match="resample"):
+        UNet.from_preset("tiny", resample="pixelshuffle")
+    assert ATTENTION_BACKENDS == ("math", "sdpa", "triton")
+
+
+def test_triton_backend_rejects_unsupported_head_dim():
+    pytest.importorskip("triton")
+    net = UNet.from_preset("tiny", head_channels=16)  # 16-dim heads: fine for math/sdpa
+    with pytest.raises(ValueError, match="head_channels in"):
+        net.set_attention_backend("triton")
+    assert net.attention_backend == "math"
+
+
+def test_mlp_is_exported():
+    assert MLP.__module__ == "wgfcore.nets.mlp"
