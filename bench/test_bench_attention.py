@@ -1,0 +1,100 @@
+"""Fused attention (kernels/attention.py) against PyTorch SDPA at the U-Net's shapes (TFLOP/s).
+
+Shapes are those of the adm64 U-Net at batch 32: 8 heads at 8 x 8 (L = 64), 6 at 16 x 16
+(L = 256), 4 at 32 x 32 (L = 1024), head dim 64. Flops: 4 B H L^2 D for the forward
+(two matmuls), and 2.5 times that for the backward (five matmuls), so a fwd+bwd row counts
+3.5 x. On CPU the Triton and CUDA-only rows skip; small torch rows still run.
+"""
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels  # noqa: F401  (decides TRITON_INTERPRET before any @triton.jit is defined)
+
+ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETED
+DEVICE = "cuda" if ON_GPU else "cpu"
+INTERPRETER_SKIP = "Triton interpreter is a correctness mode, not a performance path"
+
+# (name, B, H, L, D)
+GPU_SHAPES = [("L64", 32, 8, 64, 64), ("L256", 32, 6, 256, 64), ("L1024", 32, 4, 1024, 64)]
+CPU_SHAPES = [("cpu-L64", 2, 2, 64, 64)]
+IMPLS = ["triton", "sdpa-flash", "sdpa-efficient", "sdpa-math", "math"]
+SDPA_BACKENDS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+
+
+def math_attention(q, k, v):
+    w = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+    return w @ v
+
+
+def attention_fn(impl):
+    if impl == "triton":
+        from kernels.attention import attention
+
+        return attention
+    if impl == "math":
+        return math_attention
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(SDPA_BACKENDS[impl]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return sdpa
+
+
+def _params():
+    for mode in ("fwd", "fwd+bwd"):
+        for name, B, H, L, D in GPU_SHAPES:
+            for dtype in (torch.bfloat16, torch.float16):
+                for impl in IMPLS:
+                    marks = []
+                    if not ON_GPU:
+                        reason = INTERPRETER_SKIP if impl == "triton" else "CUDA-only row (GPU shapes)"
+                        marks.append(pytest.mark.skip(reason=reason))
+                    tag = str(dtype).removeprefix("torch.")
+                    yield pytest.param(mode, impl, B, H, L, D, dtype, marks=marks, id=f"{mode}-{impl}-{name}-{tag}")
+        for name, B, H, L, D in CPU_SHAPES:
+            for impl in ("math", "sdpa-math"):
+                marks = [] if not ON_GPU else [pytest.mark.skip(reason="CPU-only row")]
+                yield pytest.param(mode, impl, B, H, L, D, torch.float32, marks=marks, id=f"{mode}-{impl}-{name}-float32")
+
+
+@pytest.mark.parametrize("mode,impl,B,H,L,D,dtype", list(_params()))
+def test_bench_attention(benchmark, record_rates, mode, impl, B, H, L, D, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, L, D, generator=g, device=DEVICE, dtype=dtype) for _ in range(4))
+    fn = attention_fn(impl)
+
+    # The row being timed must compute attention: compare with the fp32 math path.
+    with torch.no_grad():
+        ref = math_attention(q.float(), k.float(), v.float())
+        err = (fn(q, k, v).float() - ref).abs().max().item()
+    assert err < (1e-4 if dtype == torch.float32 else 3e-2), f"{impl} disagrees with math: {err}"
+
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v)
+    else:
+        for x in (q, k, v):
+            x.requires_grad_()
+
+        def step():
+            o = fn(q, k, v)
+            torch.autograd.grad(o, (q, k, v), do)
+
+    def run():
+        step()
+        if ON_GPU:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=2 if ON_GPU else 1, iterations=1)
+    flops = 4.0 * B * H * L * L * D * (1.0 if mode == "fwd" else 3.5)
+    record_rates(benchmark, flops=flops, impl=impl, mode=mode, shape=[B, H, L, D],
+                 dtype=str(dtype).removeprefix("torch."))
