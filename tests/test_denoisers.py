@@ -90,6 +90,8 @@ def test_float32_compute_is_as_accurate_as_torch_softmax():
         err_torch = ((w @ data).double() - ref).abs().max()
         ours = optimal_denoiser(x, sigma, data, chunk=37, compute_dtype=torch.float32)
         err_ours = (ours.double() - ref).abs().max()
+        # + 1e-6 (~16 float32 ulps of |D| <= 1): at small sigma the weights are one-hot and torch's error is
+        # exactly 0, ours the float32 rounding of the output (measured 6e-8; 3.1e-7 vs 4.6e-7 at sigma = 2)
         assert err_ours <= 2 * err_torch + 1e-6, (sigma, float(err_ours), float(err_torch))
 
 

@@ -27,7 +27,6 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from wgfcore.denoisers import optimal_denoiser  # noqa: E402
 from wgfcore.edm import trajectories  # noqa: E402
