@@ -1,0 +1,121 @@
+"""FID path (pytorch-fid's Inception built offline, here with random weights) against pytorch-fid's own
+functions, the missing-weights message, and the digits-FD classifier features."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train import fid
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return fid.build_inception(random_weights=True)
+
+
+def test_features_match_pytorch_fid_on_png_files(tmp_path, inception):
+    """Our tensor pipeline (quantise to 8 bits, /255, pytorch-fid's InceptionV3) gives the activations
+    that pytorch-fid's get_activations computes from the same images saved as PNG files."""
+    from pytorch_fid.fid_score import get_activations
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    x[1] = x[1].mean(0, keepdim=True)  # one grey image, stored as RGB
+    files = []
+    for i, img in enumerate(fid.to_uint8(x)):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(p)
+        files.append(p)
+    ref = get_activations(files, inception, batch_size=3, dims=2048, device="cpu", num_workers=0)
+    ours = fid.InceptionFeatures(inception, batch=3)(x).numpy()
+    assert ours.shape == (3, 2048) and np.isfinite(ours).all()
+    assert np.abs(ours).max() > 1e-3  # the random network is not dead, so the comparison means something
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    # grayscale (B, 1, H, W) input is replicated to RGB exactly like the grey RGB image above
+    grey = fid.InceptionFeatures(inception, batch=3)(x[1:2, :1]).numpy()
+    np.testing.assert_allclose(grey[0], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_stats_match_numpy_and_frechet_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) + 2.0
+    b = rng.normal(size=(200, 16)) * 1.5
+    sa = fid.Stats(16).add(torch.from_numpy(a[:120])).add(torch.from_numpy(a[120:]))  # streamed in two parts
+    mu, sigma = sa.mu_sigma()
+    np.testing.assert_allclose(mu, a.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(a, rowvar=False), rtol=1e-9, atol=1e-9)
+    # packing (what DDP all-reduces) and unpacking loses nothing
+    half1, half2 = fid.Stats(16).add(torch.from_numpy(a[:100])), fid.Stats(16).add(torch.from_numpy(a[100:]))
+    merged = fid.Stats.unpack(half1.packed() + half2.packed(), 16)
+    np.testing.assert_allclose(merged.mu_sigma()[1], sigma, rtol=1e-10, atol=1e-10)
+    mb, sb = fid.Stats(16).add(torch.from_numpy(b)).mu_sigma()
+    d = fid.frechet_distance(mu, sigma, mb, sb)
+    assert d == pytest.approx(calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
+                                                         np.cov(b, rowvar=False)), rel=1e-8)
+    assert d > 10 and fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weights_file_loads_from_hub_cache(tmp_path, inception, monkeypatch):
+    ckdir = tmp_path / "hub" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    torch.save(fid._random_state_dict(), ckdir / fid.INCEPTION_FILE)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert fid.find_weights() == ckdir / fid.INCEPTION_FILE
+    net = fid.build_inception()  # from the hub cache, offline
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(fid.InceptionFeatures(net)(x), fid.InceptionFeatures(inception)(x), rtol=0, atol=0)
+
+
+def test_missing_weights_message(tmp_path, monkeypatch, capsys):
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
+    with pytest.raises(fid.InceptionWeightsMissing) as e:
+        fid.find_weights()
+    msg = str(e.value)
+    assert FID_WEIGHTS_URL in msg and str(tmp_path / "empty_hub" / "checkpoints" / fid.INCEPTION_FILE) in msg
+    assert "--inception-weights" in msg
+    with pytest.raises(fid.InceptionWeightsMissing, match="does not exist"):
+        fid.find_weights(tmp_path / "nope.pth")
+    # the CLI stops with the instructions and exit code 2, before looking at the run's checkpoints
+    from train.run import main
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert main(["eval", "--fid", "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert FID_WEIGHTS_URL in err and "Traceback" not in err
+
+
+def test_digits_classifier_features_and_fd(tmp_path, monkeypatch):
+    from train import digits_classifier as dc
+    from train.datasets import load_digits_tensor
+
+    net, acc = dc.get_classifier(tmp_path, epochs=6)
+    assert acc > 0.9  # 6 epochs on 1437 digits; the full recipe (12 epochs) does better
+    # cached: the second call must not train again
+    monkeypatch.setattr(dc, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
+    net2, acc2 = dc.get_classifier(tmp_path, epochs=6)
+    assert acc2 == acc
+    x, y = load_digits_tensor(16)
+    feats = dc.DigitsFeatures(net2)
+    f = feats(x)
+    assert f.shape == (1797, dc.FEATURE_DIMS) and f.dtype == torch.float64
+    torch.testing.assert_close(f, dc.DigitsFeatures(net)(x))
+    ref = fid.Stats(feats.dims).add(f).mu_sigma()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(1797, generator=g)
+    fd_real = fid.frechet_distance(*fid.Stats(feats.dims).add(f[perm[:400]]).mu_sigma(), *ref)
+    fd_noise = fid.frechet_distance(*fid.Stats(feats.dims).add(feats(torch.rand(400, 1, 16, 16) * 2 - 1)).mu_sigma(), *ref)
+    only_ones = fid.frechet_distance(*fid.Stats(feats.dims).add(f[y == 1]).mu_sigma(), *ref)
+    assert fd_real < only_ones < fd_noise  # real < mode-collapsed (one class) < noise
+    assert fd_noise > 10 * fd_real

@@ -1,0 +1,143 @@
+"""Atomic, weights-only checkpoints and RNG-state capture for exact resumption.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then moved
+over the old one with os.replace (atomic on POSIX), so a process killed mid-write never corrupts
+the last good checkpoint. Everything stored is a tensor or a container of primitives, so loading
+works with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+_SNAPSHOT = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj, path) -> Path:
+    """torch.save(obj) to `path` atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path, map_location="cpu") -> dict:
+    """torch.load(weights_only=True), with a readable error for a missing or damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def save_checkpoint(state: dict, ckpt_dir, step: int, keep_snapshot: bool = False) -> Path:
+    """Write `ckpt_dir/last.pt` (atomically); with keep_snapshot also a permanent `ckpt_<step>.pt`."""
+    ckpt_dir = Path(ckpt_dir)
+    path = save_atomic(state, ckpt_dir / LAST)
+    if keep_snapshot:
+        save_atomic(state, ckpt_dir / f"ckpt_{step:08d}.pt")
+    return path
+
+
+def find_resumable(ckpt_dir) -> Path | None:
+    """The newest readable checkpoint in `ckpt_dir` (last.pt first, then snapshots by step), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    cands = []
+    for p in ckpt_dir.iterdir():
+        m = _SNAPSHOT.match(p.name)
+        if m:
+            cands.append((int(m.group(1)), p))
+    best = None
+    last = ckpt_dir / LAST
+    if last.is_file():
+        try:
+            best = (int(load(last)["step"]), last)
+        except (CheckpointError, KeyError):
+            best = None
+    for step, p in sorted(cands, reverse=True):
+        if best is not None and best[0] >= step:
+            break
+        try:
+            load(p)
+            return p
+        except CheckpointError:
+            continue
+    return None if best is None else best[1]
+
+
+# --- RNG states as tensors ----------------------------------------------------------------------------
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Global torch (CPU, every CUDA device), numpy and python RNG states, plus named generators."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {
+        "torch_cpu": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of `capture_rng`."""
+    torch.set_rng_state(state["torch_cpu"].cpu())
+    if "torch_cuda" in state and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["torch_cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+    for k, g in (generators or {}).items():
+        if k not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for generator {k!r}")
+        g.set_state(state["generators"][k].cpu())
+
+
+__all__ = ["CheckpointError", "save_atomic", "load", "save_checkpoint", "find_resumable", "capture_rng",
+           "restore_rng", "LAST"]
