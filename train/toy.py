@@ -36,6 +36,8 @@ def parse(argv=None):
     p.add_argument("--delta-tau", default="20", help="projection-loss step: N (dtau = (1-eps)/N) or a list 20,40,100")
     p.add_argument("--steps", default="1000,100,40,20", help="sampler step counts N to evaluate")
     p.add_argument("--n-samples", type=int, default=4000, help="samples per W2 cell (>= 2000)")
+    p.add_argument("--delta-p", type=float, default=None,
+                   help="override the paper's delta_p for every N (default: ops.default_delta_p(N))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/gmm-<time>)")
     p.add_argument("--quick", action="store_true", help="a smoke run of well under a minute")
@@ -108,12 +110,13 @@ def evaluate(score_fn, proj_fn, data, args, label, ref):
     for name, sampler, steps, proj in tqdm(plan, desc=f"evaluate ({label})"):
         if proj == "tweedie":
             proj = tweedie_proj_fn(score_fn, steps)
+        dp = default_delta_p(steps) if args.delta_p is None else args.delta_p
         with torch.no_grad():
-            x, nfe = sample(score_fn, (args.n_samples, 2), steps, sampler=sampler, proj_fn=proj,
+            x, nfe = sample(score_fn, (args.n_samples, 2), steps, sampler=sampler, proj_fn=proj, delta_p=dp,
                             seed=args.seed + 1, device=args.device, return_nfe=True)
         N = steps // 2 if name.startswith("EM at equal") else steps
         rows.append({"score": label, "sampler": name, "N": N, "steps": steps, "NFE": nfe,
-                     "delta_p": round(default_delta_p(steps), 4) if sampler == "predict_project" else "",
+                     "delta_p": round(dp, 4) if sampler == "predict_project" else "",
                      "W2": w2_empirical(x.cpu(), ref)})
         samples[(name, N)] = x.cpu()
     return rows, samples
