@@ -21,17 +21,16 @@ class FakeUNet(torch.nn.Module):
 
 
 def test_linear_ddpm_schedule_is_the_vp_sde():
-    # log alpha_bar_i = sum_{j<=i} log(1 - beta_j) and log alpha_t^2 = -2 int_0^t beta, t = (i + 1) / 1000.
-    # Their gap is at most the Riemann-sum error |sum beta_j - 2 int beta| plus the dropped
-    # second-order terms, |log(1 - b) + b| <= b^2 / (2 (1 - b)); check it index by index.
+    # log alpha_bar_i = sum_{j<=i} log(1 - beta_j) against log alpha_t^2 = -2 int_0^t beta at t = (i + 1) / 1000.
+    # DDPM is a first-order discretisation, so they differ by O(1/1000) per step (~0.07 after 1000
+    # steps); a mapping off by 5 indices near t = 1 would add 5 * 0.02 = 0.1, which this rejects.
     sde = VPSDE()
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     t = torch.arange(1, 1001, dtype=torch.float64) / 1000
     gap = (torch.cumsum(torch.log1p(-betas), 0) + 2 * sde.int_beta(t)).abs()
-    riemann = (torch.cumsum(betas, 0) - 2 * sde.int_beta(t)).abs()
-    second = torch.cumsum(betas ** 2 / (2 * (1 - betas)), 0)
-    assert bool((gap <= riemann + second + 1e-12).all())
-    assert float(gap.max()) < 0.1  # alpha_bar within 10% everywhere, where it matters (t ~ 1) it is ~4e-5
+    assert float(gap.max()) < 0.1
+    shifted = (torch.cumsum(torch.log1p(-betas), 0)[5:] + 2 * sde.int_beta(t[:-5])).abs()
+    assert float(shifted.max()) > 0.1
 
 
 def test_adapter_maps_time_and_unwraps_output():
