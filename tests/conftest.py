@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# The tests use small tensors, where intra-op threads cost more than they give; on a loaded
+# 2-core machine, two OpenMP threads per process made some tests 50x slower (22 s against 0.3 s).
+torch.set_num_threads(1)
+
 # CI is a 2-core machine and the Triton interpreter is slow: cap examples, no deadline, and
 # derandomise so that a green run is reproducible. Individual tests may lower max_examples.
 settings.register_profile(
