@@ -9,14 +9,6 @@ from wgfcore.scores import kwon_mixture
 from wgfcore.sde import VPSDE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: on the shared 2-core CI box a second intra-op thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SDE, MIX = VPSDE(), kwon_mixture()
 

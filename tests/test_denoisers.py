@@ -10,14 +10,6 @@ from wgfcore.denoisers import auto_chunk, optimal_denoiser, optimal_score, optim
 from wgfcore.sde import VPSDE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These ops are tiny: on the shared 2-core CI box a second intra-op thread only adds contention (~20x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def naive(x, sigma, data):
     """Reference: the full (B, M) softmax of -|x - y|^2 / 2 sigma^2 in float64, no streaming."""

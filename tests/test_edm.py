@@ -15,14 +15,6 @@ from wgfcore.scores import GaussianMixture
 from wgfcore.sde import VPSDE, karras_sigmas
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These ops are tiny: on the shared 2-core CI box a second intra-op thread only adds contention (~20x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 M0, S0 = 0.3, 0.5  # data N(M0, S0^2 I)
 
