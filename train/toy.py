@@ -132,7 +132,7 @@ def table_md(rows, steps, floor):
             r = next(r for r in rows if r["sampler"] == nm and r["N"] == n)
             cells.append(f"{r['W2']:.4f} (NFE {r['NFE']})")
         out.append(f"| {nm} | " + " | ".join(cells) + " |")
-    out.append(f"| *floor: W2 of fresh true samples* | " + " | ".join(f"{floor:.4f}" for _ in steps) + " |")
+    out.append("| *floor: W2 of fresh true samples* | " + " | ".join(f"{floor:.4f}" for _ in steps) + " |")
     return "\n".join(out)
 
 
