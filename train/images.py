@@ -327,6 +327,7 @@ def train(cfg: dict, run_dir: Path, d: D.Dist | None = None, *, resume: Path | N
     bar.close()
     if log is not None:
         log.close()
+        plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
     return ema_eps.net, ema_proj.net, rows
 
 
@@ -404,6 +405,7 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
     eps_net.eval().to(d.device)
     proj_net.eval().to(d.device)
     bs = int(ecfg["batch"])
+    n_boot = int(ecfg.get("bootstrap", 0))
     todo = cells(ecfg)
     mine = {c["n"]: [b for b in range(math.ceil(c["n"] / bs)) if b % d.world == d.rank] for c in todo}
     results = []
@@ -412,12 +414,16 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
     for c in todo:
         t0 = time.time()
         st = Stats(features.dims)
+        kept = []  # features themselves, only when a bootstrap is asked for (small feature spaces)
         calls, n = 0, c.pop("n")
         for b in mine[n]:
             x, calls = _draw(eps_net, proj_net, sde, c["sampler"], c["steps"], min(bs, n - b * bs), cfg, d,
                              seed=int(cfg["seed"]) * 100_003 + 12_345 + b, backend=backend, delta_p=c["delta_p"],
                              progress=progress and d.main and c["steps"] >= 200)
-            st.add(features(x))
+            f = features(x)
+            st.add(f)
+            if n_boot:
+                kept.append(f)
             if b == 0 and d.main:
                 save_grid(x[: ecfg.get("grid", 64)], out_dir / "samples" / f"{prefix}{c['row']}_N{c['N']}.png",
                           scale=_grid_scale(cfg))
@@ -428,7 +434,13 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
                                f"expected {c['nfe']}")
         mu, sigma = st.mu_sigma()
         value = frechet_distance(mu, sigma, *ref)
-        r = dict(c, metric=features.name, value=value, n_samples=int(st.n), seconds=round(time.time() - t0, 2))
+        se = None
+        if n_boot:
+            allf = D.all_gather_cat(d, torch.cat(kept).to(d.device) if kept else
+                                    torch.zeros(0, features.dims, dtype=torch.float64, device=d.device)).cpu()
+            se = bootstrap_se(allf, ref, n_boot, seed=int(cfg["seed"]))
+        r = dict(c, metric=features.name, value=value, se=se, n_samples=int(st.n),
+                 seconds=round(time.time() - t0, 2))
         results.append(r)
         bar.set_postfix_str(f"{c['row']} N={c['N']}: {value:.3f}")
     bar.close()
@@ -437,15 +449,33 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
     return results
 
 
+def bootstrap_se(f: torch.Tensor, ref: tuple, n_boot: int, seed: int = 0) -> float:
+    """Standard deviation of the Fréchet distance over `n_boot` resamples (with replacement) of the
+    generated features `f` (n, d), the reference held fixed: the sampling noise of one cell's value."""
+    g = torch.Generator().manual_seed(seed)
+    n = f.shape[0]
+    vals = [frechet_distance(*Stats(f.shape[1]).add(f[torch.randint(0, n, (n,), generator=g)]).mu_sigma(), *ref)
+            for _ in range(n_boot)]
+    return float(torch.tensor(vals, dtype=torch.float64).std())
+
+
 def write_results(results, out_dir: Path, prefix: str, cfg: dict, ecfg: dict, metric: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["row", "label", "sampler", "N", "steps", "nfe", "delta_p", "metric", "value", "n_samples", "seconds"]
+    fields = ["row", "label", "sampler", "N", "steps", "nfe", "delta_p", "metric", "value", "se", "n_samples",
+              "seconds"]
     with open(out_dir / f"{prefix}results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
     (out_dir / f"{prefix}results.md").write_text(results_markdown(results, ecfg, metric))
     plot_metric(results, out_dir / f"{prefix}{metric.lower().replace('-', '_')}_vs_nfe.png", metric)
+    overview_figure(out_dir, [r for r in results if r["row"] in ROWS], ecfg, out_dir / f"{prefix}samples_overview.png",
+                    resolution=cfg["resolution"], scale=_grid_scale(cfg))
+
+
+def _cell(r) -> str:
+    se = f" ± {r['se']:.1f}" if r.get("se") not in (None, "") else ""
+    return f"{r['value']:.2f}{se} (NFE {r['nfe']})"
 
 
 def results_markdown(results, ecfg: dict, metric: str) -> str:
@@ -459,11 +489,11 @@ def results_markdown(results, ecfg: dict, metric: str) -> str:
         cellv = {r["N"]: r for r in grid if r["row"] == key}
         if not cellv:
             continue
-        vals = [f"{cellv[N]['value']:.3f} (NFE {cellv[N]['nfe']})" if N in cellv else "not run" for N in Ns]
+        vals = [_cell(cellv[N]) if N in cellv else "not run" for N in Ns]
         lines.append(f"| {ROWS[key][0]} | " + " | ".join(vals) + " |")
     for r in extra:  # reference rows (e.g. the estimator's floor at each sample count)
         lines.append(f"| {r['label']} | " + " | ".join(
-            f"{r['value']:.3f}" if r["n_samples"] in {c["n_samples"] for c in grid if c["N"] == N} else ""
+            f"{r['value']:.2f}" if r["n_samples"] in {c["n_samples"] for c in grid if c["N"] == N} else ""
             for N in Ns) + " |")
     per_col = ", ".join(f"N={N}: {sorted({r['n_samples'] for r in grid if r['N'] == N})[0]}"
                         for N in Ns if any(r["N"] == N for r in grid))
@@ -472,6 +502,9 @@ def results_markdown(results, ecfg: dict, metric: str) -> str:
             f"(Predict-Project and Heun call a network twice per step).")
     if dps:
         note += f" Predict-Project delta_p: {dps}."
+    if any(r.get("se") is not None for r in grid):
+        note += (f" ± is the bootstrap standard deviation ({ecfg.get('bootstrap')} resamples of the generated "
+                 f"samples, reference fixed): differences smaller than about twice it are noise.")
     return head + "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -485,7 +518,9 @@ def plot_metric(results, path: Path, metric: str) -> None:
     for key, (label, _, _) in ROWS.items():
         rs = sorted((r for r in results if r["row"] == key), key=lambda r: r["nfe"])
         if rs:
-            ax.plot([r["nfe"] for r in rs], [r["value"] for r in rs], marker="o", label=label)
+            se = [r.get("se") for r in rs]
+            ax.errorbar([r["nfe"] for r in rs], [r["value"] for r in rs], marker="o", label=label, capsize=3,
+                        yerr=None if any(v is None for v in se) else se)
     for r in results:
         if r["row"] not in ROWS:
             ax.axhline(r["value"], color="gray", ls=":", lw=1, label=r["label"])
@@ -494,6 +529,69 @@ def plot_metric(results, path: Path, metric: str) -> None:
     ax.set_ylabel(f"{metric} (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_losses(csv_path: Path, path: Path) -> None:
+    """Training curves from losses.csv: L_dsm and L_proj against the step (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    step = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
+    ax.plot(step, [float(r["dsm"]) for r in rows], label="L_dsm (score, eps-prediction)")
+    ax.plot(step, [float(r["proj"]) for r in rows], label="L_proj (projection)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss per sample (mean over the log interval)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def overview_figure(run_dir: Path, results, ecfg: dict, path: Path, k: int = 4, resolution: int = 16,
+                    scale: int = 1) -> None:
+    """One figure of the first k x k samples of every evaluated cell (rows: samplers, columns: N),
+    cut from the per-cell grids in run_dir/samples (tiles of resolution*scale px, 2 px padding)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = [key for key in ecfg["rows"] if any(r["row"] == key for r in results)]
+    Ns = list(ecfg["steps"])
+    tile = resolution * scale + 2
+    fig, axes = plt.subplots(len(rows), len(Ns), figsize=(1.9 * len(Ns) + 1.2, 1.9 * len(rows) + 0.3), dpi=100,
+                             squeeze=False)
+    for i, key in enumerate(rows):
+        for j, N in enumerate(Ns):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            r = next((r for r in results if r["row"] == key and r["N"] == N), None)
+            f = Path(run_dir) / "samples" / f"{key}_N{N}.png"
+            if r is not None and f.is_file():
+                with Image.open(f) as im:
+                    ax.imshow(im.convert("L").crop((0, 0, 2 + k * tile, 2 + k * tile)), cmap="gray", vmin=0,
+                              vmax=255, interpolation="nearest")
+                ax.set_title(f"N={N}, NFE {r['nfe']}: {r['value']:.1f}", fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            if j == 0:
+                ax.set_ylabel(ROWS[key][0].replace(" (", "\n("), fontsize=7)
+    metric = results[0]["metric"] if results else ""
+    fig.suptitle(f"First {k * k} samples per cell (same prior draws); titles: {metric}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -518,4 +616,4 @@ def write_json(obj, path: Path) -> None:
 
 
 __all__ = ["ROWS", "build_nets", "JointObjective", "EMA", "lr_at", "batch_indices", "train", "evaluate", "cells",
-           "results_markdown", "plot_metric", "save_grid", "load_run", "set_attention_backend"]
+           "results_markdown", "plot_metric", "plot_losses", "overview_figure", "save_grid", "load_run", "set_attention_backend"]

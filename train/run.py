@@ -5,6 +5,7 @@
     python train/run.py --dataset celeba --data-root /data       # paper run (Appendix B config, GPU)
     torchrun --nproc_per_node=8 train/run.py --dataset lsun_church --data-root /data
     python train/run.py eval --fid --run runs/celeba-...         # pytorch-fid FID, 50K samples per cell
+    python train/run.py export --run runs/digits-... --to docs   # README table and figures
     python train/run.py --dataset gmm ...    # the 2-D toy job (train/toy.py)
 
 See `python train/run.py --help` and `python train/run.py eval --help`.
@@ -13,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# On a shared CPU, OpenMP threads that spin while waiting for a descheduled sibling can make a step
+# 10-60x slower; passive waiting costs little when the machine is idle. Must precede importing torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -125,6 +131,15 @@ def _sample_counts(ecfg: dict) -> list[int]:
     return sorted({c["n"] for c in cells(ecfg)})
 
 
+def _set_threads(args, cfg: dict, d) -> None:
+    """--threads, else the config's cpu_threads on CPU (the digits job: 1), else torch's default."""
+    import torch
+
+    n = args.threads or (cfg.get("cpu_threads") if d.device.type == "cpu" else None)
+    if n:
+        torch.set_num_threads(int(n))
+
+
 # --- metrics --------------------------------------------------------------------------------------
 
 def digits_metric(cfg: dict, cache_dir: Path, d, progress: bool, n_floor=()):
@@ -215,8 +230,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--fused", action="store_true",
                    help="Triton kernels: fused sampler steps and attention (the interpreter on CPU)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; on a shared "
-                                               "machine 1 thread per process avoids OpenMP spin-waiting)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's cpu_threads on CPU, "
+                                               "1 for digits; else torch's choice)")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--cache-dir", default=None, help="cache of the digits classifier and FID reference "
@@ -280,9 +295,6 @@ def train_main(argv: list[str]) -> int:
     from train.datasets import DatasetError
     from train.fid import InceptionWeightsMissing
 
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     d = D.init(args.device)
     try:
         return _train_job(args, d)
@@ -324,6 +336,7 @@ def _train_job(args, d) -> int:
         cfg["seed"] = 0 if args.seed is None else args.seed
         cfg.pop("_doc", None)
     _check_config(cfg)
+    _set_threads(args, cfg, d)
     if cfg["dataset"] != args.dataset and resume is None:
         raise UsageError(f"--config sets dataset {cfg['dataset']!r} but --dataset is {args.dataset!r}")
     if run_dir is None:
@@ -347,7 +360,8 @@ def _train_job(args, d) -> int:
         images.write_json(cfg, run_dir / "config.json")
         info = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(d.device),
                 "world_size": d.world, "torch": torch.__version__, "resumed_from": str(resume) if resume else None,
-                "fused": args.fused, "threads": torch.get_num_threads()}
+                "fused": args.fused, "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
         if cfg["dataset"] == "digits":
             info["dataset"] = DIGITS_INFO
         images.write_json(info, run_dir / ("run_info.json" if resume is None else f"run_info_resume_{int(time.time())}.json"))
@@ -370,6 +384,7 @@ def _train_job(args, d) -> int:
     if eval_metric == "digits-fd":
         feats, ref, extra, acc = digits_metric(cfg, cache_dir, d, progress and d.main,
                                                n_floor=_sample_counts(cfg["eval"]))
+        metric_info = {"digits_classifier_test_accuracy": round(acc, 4)}
         if d.main:
             print(f"digits classifier (features of digits-FD): test accuracy {acc:.3f}", file=sys.stderr)
         images.evaluate(cfg, eps_ema, proj_ema, feats, ref, run_dir, d, backend=backend, progress=progress,
@@ -379,10 +394,11 @@ def _train_job(args, d) -> int:
         feats = InceptionFeatures(build_inception(args.inception_weights, device=d.device), d.device)
         ref = fid_reference(cfg, feats, d, cache_dir, int(cfg["eval"].get("ref_samples", 50_000)), progress)
         images.evaluate(cfg, eps_ema, proj_ema, feats, ref, run_dir, d, backend=backend, progress=progress)
+        metric_info = {}
     t_eval = time.time() - t1
     if d.main:
         timing = {"train_seconds": round(t_train, 1), "eval_seconds": round(t_eval, 1), "device": str(d.device),
-                  "world_size": d.world}
+                  "world_size": d.world, "threads": torch.get_num_threads(), **metric_info}
         images.write_json(timing, run_dir / "timing.json")
         print((run_dir / "results.md").read_text())
         print(f"train {t_train:.0f} s, evaluation {t_eval:.0f} s; results in {run_dir}", file=sys.stderr)
@@ -423,9 +439,6 @@ def eval_main(argv: list[str]) -> int:
     from train.datasets import DatasetError
     from train.fid import InceptionWeightsMissing
 
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     d = D.init(args.device)
     try:
         return _eval_job(args, d)
@@ -446,6 +459,7 @@ def _eval_job(args, d) -> int:
         from train.fid import InceptionFeatures, build_inception, load_stats
         model = build_inception(args.inception_weights, device=d.device)  # fails first if the weights are missing
     cfg, eps_net, proj_net, step = images.load_run(run)
+    _set_threads(args, cfg, d)
     if args.data_root:
         cfg["data_root"] = str(Path(args.data_root).expanduser().resolve())
     ecfg = dict(cfg["eval"])
@@ -488,6 +502,49 @@ def _eval_job(args, d) -> int:
     return 0
 
 
+# --- the export subcommand ------------------------------------------------------------------------
+
+def export_main(argv: list[str]) -> int:
+    """Copy a run's table and figures into the docs: <to>/<name>_results.md, <to>/figures/<name>_*.png."""
+    import shutil
+
+    p = argparse.ArgumentParser(prog="train/run.py export",
+                                description="Copy a finished run's results table and figures into docs/.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--to", default="docs")
+    p.add_argument("--name", help="file prefix (default: the run's dataset)")
+    p.add_argument("--command", help="the command that produced the run, quoted in the table's header")
+    args = p.parse_args(argv)
+    run, to = Path(args.run), Path(args.to)
+    need = [run / f for f in ("config.json", "results.md", "timing.json", "samples_overview.png", "losses.png")]
+    missing = [str(f) for f in need if not f.is_file()]
+    if missing:
+        return _fail(f"--run {run} is not a finished run folder (missing {', '.join(missing)})")
+    cfg = json.loads((run / "config.json").read_text())
+    timing = json.loads((run / "timing.json").read_text())
+    info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
+    name = args.name or cfg["dataset"]
+    (to / "figures").mkdir(parents=True, exist_ok=True)
+    metric_png = next(run.glob("*_vs_nfe.png"))
+    shutil.copyfile(metric_png, to / "figures" / f"{name}_{metric_png.name.replace('digits_', '')}")
+    shutil.copyfile(run / "samples_overview.png", to / "figures" / f"{name}_samples.png")
+    shutil.copyfile(run / "losses.png", to / "figures" / f"{name}_losses.png")
+    cmd = args.command or " ".join(["python", "train/run.py", *info.get("argv", [])[1:]])
+    head = (f"# {name}: Table 1 layout, measured\n\n"
+            f"Command: `{cmd}`  \n"
+            f"Training: {cfg['iterations']} iterations, batch {cfg['batch_size']}, preset `{cfg['preset']}`"
+            f"{' with ' + json.dumps(cfg['net']) if cfg.get('net') else ''}, seed {cfg['seed']}; "
+            f"{timing['train_seconds']:.0f} s. Evaluation: {timing['eval_seconds']:.0f} s. "
+            f"Device: {timing['device']}, {timing.get('threads', '?')} thread(s), {timing['world_size']} process(es), "
+            f"torch {info.get('torch', '?')}.")
+    if "digits_classifier_test_accuracy" in timing:
+        head += (f" digits-FD features: a small CNN trained on 80% of the digits "
+                 f"(held-out accuracy {timing['digits_classifier_test_accuracy']:.3f}).")
+    (to / f"{name}_results.md").write_text(head + "\n\n" + (run / "results.md").read_text())
+    print(f"wrote {to / f'{name}_results.md'} and {to / 'figures'}/{name}_*.png")
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 def _dataset_of(argv: list[str]) -> str | None:
@@ -503,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
         return eval_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     if _dataset_of(argv) == "gmm":
         try:
             from train import toy
