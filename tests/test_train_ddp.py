@@ -66,6 +66,9 @@ def test_torchrun_two_gloo_processes(tmp_path):
     # evaluation: 6 samples in batches of 2, dealt to 2 ranks, gathered into one statistic
     with open(run / "results.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["sampler"] != "data"]
-    assert {row["row"] for row in rows} == {"em", "pp"}
+    assert {row["row"] for row in rows} == {"em", "pp", "pp_minus_em"}
     assert all(int(row["n_samples"]) == 6 for row in rows)
+    val = {row["row"]: float(row["value"]) for row in rows}
+    # the paired value is recomputed from the gathered features (not the streamed sums): equal to rounding
+    assert abs(val["pp_minus_em"] - (val["pp"] - val["em"])) < 1e-4 * max(1.0, abs(val["pp"]))
     assert r.stdout.count("| Predict-Project |") == 1  # only rank 0 prints the table

@@ -1,5 +1,7 @@
 """FID path (pytorch-fid's Inception built offline, here with random weights) against pytorch-fid's own
 functions, the missing-weights message, and the digits-FD classifier features."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,34 @@ def test_digits_classifier_features_and_fd(tmp_path, monkeypatch):
     only_ones = fid.frechet_distance(*fid.Stats(feats.dims).add(f[y == 1]).mu_sigma(), *ref)
     assert fd_real < only_ones < fd_noise  # real < mode-collapsed (one class) < noise
     assert fd_noise > 10 * fd_real
+
+
+def test_eval_fid_end_to_end_with_local_weights(tmp_path, capsys):
+    """`run.py eval --fid` on a trained (1-step) digits run, weights from --inception-weights: reference
+    statistics from the dataset (cached), EM and Predict-Project cells, fid_results.* written."""
+    import csv
+    import json
+
+    from train import images
+    from train.run import main
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "train" / "configs" / "quick.json").read_text())
+    cfg.update(seed=0, iterations=1, batch_size=8, log_every=1, ckpt_every=1)
+    run = tmp_path / "runs" / "digits-x"
+    images.train(cfg, run, progress=False)
+    weights = tmp_path / fid.INCEPTION_FILE
+    torch.save(fid._random_state_dict(), weights)
+    args = ["eval", "--fid", "--run", str(run), "--inception-weights", str(weights), "--samples", "3", "--batch", "3",
+            "--steps", "2", "--ref-samples", "5", "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    with open(run / "fid_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["row"], int(r["nfe"])) for r in rows} == {("em", 2), ("pp", 4)}
+    assert all(r["metric"] == "FID" and int(r["n_samples"]) == 3 and np.isfinite(float(r["value"])) for r in rows)
+    assert (run / "fid_results.md").is_file() and (run / "fid_vs_nfe.png").is_file()
+    assert (run / "samples" / "fid_pp_N2.png").is_file() and (run / "fid_samples_overview.png").is_file()
+    cached = list((tmp_path / "runs" / ".cache").glob("fid_ref_digits_16_5_*.npz"))
+    assert len(cached) == 1
+    mu, sigma = fid.load_stats(cached[0])
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    assert "| Predict-Project |" in capsys.readouterr().out

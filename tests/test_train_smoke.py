@@ -49,7 +49,9 @@ def test_run_folder_resume_and_eval(tmp_path, tiny_config):
         rows = list(csv.DictReader(f))
     floor = [row for row in rows if row["sampler"] == "data"]  # n real digits vs all: the estimator's floor
     assert len(floor) == 1 and int(floor[0]["n_samples"]) == 6
-    rows = [row for row in rows if row["sampler"] != "data"]
+    paired = [row for row in rows if row["sampler"] == "difference"]  # PP - EM with a paired bootstrap
+    assert len(paired) == 1 and float(paired[0]["se"]) > 0
+    rows = [row for row in rows if row["sampler"] not in ("data", "difference")]
     cells = {(row["row"], int(row["N"])) for row in rows}
     assert cells == {(k, 3) for k in ("em", "pp", "em2n", "heun")}
     nfe = {row["row"]: int(row["nfe"]) for row in rows}
@@ -75,7 +77,8 @@ def test_run_folder_resume_and_eval(tmp_path, tiny_config):
               "--cache-dir", str(tmp_path / "runs" / ".cache")], tmp_path)
     assert "checkpoint step 6" in r.stdout
     with open(run / "results.csv") as f:
-        assert {(row["row"], int(row["N"])) for row in csv.DictReader(f)} == {("em", 2), ("pp", 2), ("data6", 0)}
+        assert {(row["row"], int(row["N"])) for row in csv.DictReader(f)} == {("em", 2), ("pp", 2), ("pp_minus_em", 2),
+                                                                              ("data6", 0)}
 
 
 def test_fused_path_runs(tmp_path, tiny_config):
@@ -88,6 +91,6 @@ def test_fused_path_runs(tmp_path, tiny_config):
     if not torch.cuda.is_available():
         assert "Triton kernels in the interpreter" in r.stderr
     with open(tmp_path / "f" / "results.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row["sampler"] != "data"]
+        rows = [row for row in csv.DictReader(f) if row["sampler"] not in ("data", "difference")]
     assert {(row["row"], int(row["nfe"])) for row in rows} == {("em", 2), ("pp", 4)}
     assert all(float(row["value"]) > 0 for row in rows)

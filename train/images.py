@@ -406,6 +406,7 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
     proj_net.eval().to(d.device)
     bs = int(ecfg["batch"])
     n_boot = int(ecfg.get("bootstrap", 0))
+    kept_all = {}
     todo = cells(ecfg)
     mine = {c["n"]: [b for b in range(math.ceil(c["n"] / bs)) if b % d.world == d.rank] for c in todo}
     results = []
@@ -439,14 +440,22 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
             allf = D.all_gather_cat(d, torch.cat(kept).to(d.device) if kept else
                                     torch.zeros(0, features.dims, dtype=torch.float64, device=d.device)).cpu()
             se = bootstrap_se(allf, ref, n_boot, seed=int(cfg["seed"]))
+            kept_all[(c["row"], c["N"])] = allf
         r = dict(c, metric=features.name, value=value, se=se, n_samples=int(st.n),
                  seconds=round(time.time() - t0, 2))
         results.append(r)
         bar.set_postfix_str(f"{c['row']} N={c['N']}: {value:.3f}")
     bar.close()
+    paired = []
+    for N in ecfg["steps"]:  # sample i of every cell starts from the same prior draw: compare in pairs
+        if ("em", N) in kept_all and ("pp", N) in kept_all:
+            diff, se = paired_difference(kept_all[("pp", N)], kept_all[("em", N)], ref, n_boot, int(cfg["seed"]))
+            paired.append({"row": "pp_minus_em", "label": "Predict-Project minus EM (paired)", "sampler": "difference",
+                           "N": int(N), "steps": int(N), "nfe": "", "delta_p": None, "metric": features.name,
+                           "value": diff, "se": se, "n_samples": kept_all[("pp", N)].shape[0], "seconds": 0.0})
     if d.main:
-        write_results(results + (extra_rows or []), out_dir, prefix, cfg, ecfg, features.name)
-    return results
+        write_results(results + paired + (extra_rows or []), out_dir, prefix, cfg, ecfg, features.name)
+    return results + paired
 
 
 def bootstrap_se(f: torch.Tensor, ref: tuple, n_boot: int, seed: int = 0) -> float:
@@ -459,6 +468,26 @@ def bootstrap_se(f: torch.Tensor, ref: tuple, n_boot: int, seed: int = 0) -> flo
     return float(torch.tensor(vals, dtype=torch.float64).std())
 
 
+def paired_difference(f_a: torch.Tensor, f_b: torch.Tensor, ref: tuple, n_boot: int, seed: int = 0):
+    """FD(a) - FD(b) and its bootstrap standard deviation, resampling the pairs (a_i, b_i) together.
+
+    Cells share their prior draws and noise seeds sample by sample, so this paired error is much
+    smaller than the two cells' own errors combined."""
+    if f_a.shape != f_b.shape:
+        raise ValueError(f"paired cells need equal sample counts, got {tuple(f_a.shape)} and {tuple(f_b.shape)}")
+    dims, n = f_a.shape[1], f_a.shape[0]
+
+    def fd(f):
+        return frechet_distance(*Stats(dims).add(f).mu_sigma(), *ref)
+
+    g = torch.Generator().manual_seed(seed + 1)
+    vals = []
+    for _ in range(n_boot):
+        i = torch.randint(0, n, (n,), generator=g)
+        vals.append(fd(f_a[i]) - fd(f_b[i]))
+    return fd(f_a) - fd(f_b), float(torch.tensor(vals, dtype=torch.float64).std())
+
+
 def write_results(results, out_dir: Path, prefix: str, cfg: dict, ecfg: dict, metric: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = ["row", "label", "sampler", "N", "steps", "nfe", "delta_p", "metric", "value", "se", "n_samples",
@@ -468,9 +497,11 @@ def write_results(results, out_dir: Path, prefix: str, cfg: dict, ecfg: dict, me
         w.writeheader()
         w.writerows(results)
     (out_dir / f"{prefix}results.md").write_text(results_markdown(results, ecfg, metric))
-    plot_metric(results, out_dir / f"{prefix}{metric.lower().replace('-', '_')}_vs_nfe.png", metric)
+    name = metric.lower().replace("-", "_")
+    plot_metric(results, out_dir / (f"{prefix}vs_nfe.png" if prefix.startswith(name) else
+                                    f"{prefix}{name}_vs_nfe.png"), metric)
     overview_figure(out_dir, [r for r in results if r["row"] in ROWS], ecfg, out_dir / f"{prefix}samples_overview.png",
-                    resolution=cfg["resolution"], scale=_grid_scale(cfg))
+                    resolution=cfg["resolution"], scale=_grid_scale(cfg), prefix=prefix)
 
 
 def _cell(r) -> str:
@@ -491,6 +522,11 @@ def results_markdown(results, ecfg: dict, metric: str) -> str:
             continue
         vals = [_cell(cellv[N]) if N in cellv else "not run" for N in Ns]
         lines.append(f"| {ROWS[key][0]} | " + " | ".join(vals) + " |")
+    pairs = {r["N"]: r for r in extra if r["row"] == "pp_minus_em"}
+    if pairs:
+        lines.append("| Predict-Project minus EM, paired | " + " | ".join(
+            f"{pairs[N]['value']:+.2f} ± {pairs[N]['se']:.1f}" if N in pairs else "" for N in Ns) + " |")
+    extra = [r for r in extra if r["row"] != "pp_minus_em"]
     for r in extra:  # reference rows (e.g. the estimator's floor at each sample count)
         lines.append(f"| {r['label']} | " + " | ".join(
             f"{r['value']:.2f}" if r["n_samples"] in {c["n_samples"] for c in grid if c["N"] == N} else ""
@@ -504,7 +540,9 @@ def results_markdown(results, ecfg: dict, metric: str) -> str:
         note += f" Predict-Project delta_p: {dps}."
     if any(r.get("se") is not None for r in grid):
         note += (f" ± is the bootstrap standard deviation ({ecfg.get('bootstrap')} resamples of the generated "
-                 f"samples, reference fixed): differences smaller than about twice it are noise.")
+                 f"samples, reference fixed). The paired row resamples EM and Predict-Project samples together "
+                 f"(sample i of both starts from the same prior draw and noise seed); negative favours "
+                 f"Predict-Project, and only a difference beyond about twice its ± is a finding.")
     return head + "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -522,7 +560,7 @@ def plot_metric(results, path: Path, metric: str) -> None:
             ax.errorbar([r["nfe"] for r in rs], [r["value"] for r in rs], marker="o", label=label, capsize=3,
                         yerr=None if any(v is None for v in se) else se)
     for r in results:
-        if r["row"] not in ROWS:
+        if r["sampler"] == "data":
             ax.axhline(r["value"], color="gray", ls=":", lw=1, label=r["label"])
     ax.set_xscale("log")
     ax.set_xlabel("NFE per sample (log scale)")
@@ -560,7 +598,7 @@ def plot_losses(csv_path: Path, path: Path) -> None:
 
 
 def overview_figure(run_dir: Path, results, ecfg: dict, path: Path, k: int = 4, resolution: int = 16,
-                    scale: int = 1) -> None:
+                    scale: int = 1, prefix: str = "") -> None:
     """One figure of the first k x k samples of every evaluated cell (rows: samplers, columns: N),
     cut from the per-cell grids in run_dir/samples (tiles of resolution*scale px, 2 px padding)."""
     import matplotlib
@@ -580,7 +618,7 @@ def overview_figure(run_dir: Path, results, ecfg: dict, path: Path, k: int = 4, 
             ax.set_xticks([])
             ax.set_yticks([])
             r = next((r for r in results if r["row"] == key and r["N"] == N), None)
-            f = Path(run_dir) / "samples" / f"{key}_N{N}.png"
+            f = Path(run_dir) / "samples" / f"{prefix}{key}_N{N}.png"
             if r is not None and f.is_file():
                 with Image.open(f) as im:
                     ax.imshow(im.convert("L").crop((0, 0, 2 + k * tile, 2 + k * tile)), cmap="gray", vmin=0,

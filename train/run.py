@@ -87,7 +87,10 @@ def build_config(args) -> dict:
             cfg = _merge(cfg, json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"cannot read --config {args.config}: {e}") from None
-    return _merge(cfg, _overrides(args))
+    cfg = _merge(cfg, _overrides(args))
+    if args.preset:  # a preset chosen on the command line comes without the config's narrowing
+        cfg["net"] = {}
+    return cfg
 
 
 def _overrides(args) -> dict:
@@ -215,7 +218,8 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train/run.py",
         description="Train the score and projection networks jointly and evaluate them in the layout of "
-                    "Ghimire et al. Table 1. Subcommand: `eval` (see train/run.py eval --help).")
+                    "Ghimire et al. Table 1. Subcommands: `eval` (re-evaluate a run; --fid for pytorch-fid "
+                    "FID) and `export` (copy a run's table and figures into docs/); see their --help.")
     p.add_argument("--dataset", default="digits", choices=["digits", *PAPER_DATASETS, "gmm"],
                    help="digits: built in (scikit-learn's 1797 8x8 digits upsampled to 16x16); celeba, "
                         "lsun_church, svhn: need --data-root; gmm: the 2-D toy job (train/toy.py)")
@@ -243,7 +247,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float)
     g.add_argument("--ema-decay", type=float)
     g.add_argument("--delta-tau", type=_delta_tau, help="training step of the projection loss: 0.05, or N list")
-    g.add_argument("--preset", help="U-Net preset (tiny, adm64)")
+    g.add_argument("--preset", help="U-Net preset (tiny, adm64), without the config's 'net' overrides")
     g.add_argument("--num-workers", type=int)
     g.add_argument("--log-every", type=int)
     g.add_argument("--ckpt-every", type=int)
@@ -464,7 +468,8 @@ def _eval_job(args, d) -> int:
         cfg["data_root"] = str(Path(args.data_root).expanduser().resolve())
     ecfg = dict(cfg["eval"])
     if args.fid:
-        ecfg.update(rows=["em", "pp"], samples=50_000, batch=ecfg.get("batch", 500))
+        # no bootstrap: each resample would need a 2048 x 2048 matrix square root
+        ecfg.update(rows=["em", "pp"], samples=50_000, batch=ecfg.get("batch", 500), bootstrap=0)
     for key, v in [("samples", args.samples), ("batch", args.batch), ("steps", args.steps), ("rows", args.rows)]:
         if v is not None:
             ecfg[key] = v
