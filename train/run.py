@@ -356,8 +356,12 @@ def _train_job(args, d) -> int:
     dataset = make_dataset(cfg["dataset"], cfg.get("data_root"), cfg["resolution"])  # fails early, exit 2
     eval_metric = cfg["eval"]["metric"]
     if eval_metric == "fid" and not args.no_eval:
-        from train.fid import find_weights
-        find_weights(args.inception_weights)  # before hours of training, not after
+        from train.fid import InceptionWeightsMissing, find_weights
+        try:
+            find_weights(args.inception_weights)  # before hours of training, not after
+        except InceptionWeightsMissing as e:
+            raise InceptionWeightsMissing(f"{e}\n  (or pass --no-eval to train now and run `train/run.py eval --fid` "
+                                          "later)") from None
 
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
