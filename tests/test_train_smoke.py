@@ -83,8 +83,6 @@ def test_run_folder_resume_and_eval(tmp_path, tiny_config):
 
 def test_fused_path_runs(tmp_path, tiny_config):
     pytest.importorskip("triton")
-    if not (ROOT / "kernels" / "sampler_step.py").is_file():
-        pytest.skip("kernels/sampler_step.py is not there yet")
     r = _run(["--quick", "--fused", "--config", str(tiny_config), "--out", str(tmp_path / "f"), "--iterations", "1",
               "--eval-rows", "em,pp", "--eval-steps", "2", "--eval-samples", "4", "--eval-batch", "4",
               "--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")], tmp_path, timeout=600)

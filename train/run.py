@@ -477,6 +477,11 @@ def _eval_job(args, d) -> int:
     for key, v in [("samples", args.samples), ("batch", args.batch), ("steps", args.steps), ("rows", args.rows)]:
         if v is not None:
             ecfg[key] = v
+    if args.steps is not None or args.rows is not None:
+        ecfg["skip"] = []  # cells asked for by name are run, whatever the config skips for its budget
+    if not images.cells(ecfg):
+        raise UsageError("nothing to evaluate: every requested cell is skipped by the run's config; "
+                         "name them with --steps/--rows")
     cfg["eval"] = ecfg
     _check_config(cfg)
     if args.fused:
