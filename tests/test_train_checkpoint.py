@@ -21,14 +21,6 @@ from train import images
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2-core CI machine shared by several jobs: one thread avoids OpenMP spin-waiting
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class StandIn(nn.Module):
     """conv -> (+ time embedding) -> conv -> conv: enough to make the losses move."""
