@@ -292,8 +292,8 @@ def _resolve_resume(args, d, runs_dir: Path):
     raise UsageError(f"--resume {p}: no such file or folder")
 
 
-def train_main(argv: list[str]) -> int:
-    args = train_parser().parse_args(argv)
+def _guarded(job, args) -> int:
+    """Run a job inside the process group; user-facing failures become one line and exit code 2."""
     from train import checkpoint as ckpt
     from train import distributed as D
     from train.datasets import DatasetError
@@ -301,11 +301,15 @@ def train_main(argv: list[str]) -> int:
 
     d = D.init(args.device)
     try:
-        return _train_job(args, d)
+        return job(args, d)
     except (DatasetError, InceptionWeightsMissing, ckpt.CheckpointError, UsageError) as e:
         return _fail(str(e))
     finally:
         D.shutdown(d)
+
+
+def train_main(argv: list[str]) -> int:
+    return _guarded(_train_job, train_parser().parse_args(argv))
 
 
 def _train_job(args, d) -> int:
@@ -441,19 +445,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str]) -> int:
-    args = eval_parser().parse_args(argv)
-    from train import checkpoint as ckpt
-    from train import distributed as D
-    from train.datasets import DatasetError
-    from train.fid import InceptionWeightsMissing
-
-    d = D.init(args.device)
-    try:
-        return _eval_job(args, d)
-    except (DatasetError, InceptionWeightsMissing, ckpt.CheckpointError, UsageError) as e:
-        return _fail(str(e))
-    finally:
-        D.shutdown(d)
+    return _guarded(_eval_job, eval_parser().parse_args(argv))
 
 
 def _eval_job(args, d) -> int:
