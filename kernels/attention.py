@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
+from ._common import SUPPORTED_DTYPES, check_device, check_dtype
 
 __all__ = ["attention", "attention_forward", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2: the kernels work in base 2 so that exp is exp2
 _LN2 = 0.6931471805599453
@@ -283,23 +283,10 @@ def _check_inputs(q, k, v, scale):
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"attention: dtype must be one of float32, float16, bfloat16, got {q.dtype}")
+    check_dtype("attention", q.dtype)
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cuda":
-        if INTERPRETED:
-            raise ValueError("attention: TRITON_INTERPRET=1 runs kernels on CPU tensors; got CUDA tensors")
-    elif q.device.type == "cpu":
-        if not INTERPRETED:
-            raise ValueError(
-                "attention: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before "
-                "importing kernels); move the tensors to CUDA or use the torch reference"
-            )
-        if q.dtype == torch.bfloat16:
-            raise TypeError("attention: the Triton interpreter has no bfloat16; use float32/float16 on CPU")
-    else:
-        raise ValueError(f"attention: tensors must be on CUDA (or CPU under the interpreter), got {q.device}")
+    check_device("attention", q)
     B, H, L, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"attention: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got D={D}")

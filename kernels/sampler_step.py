@@ -14,10 +14,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
+from ._common import SUPPORTED_DTYPES, check_device, check_dtype
 
 __all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "NOISE_R", "BYTES_PER_ELEMENT"]
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Noise layout. One Philox4x32-10 call on counter c yields four normals (two Box-Muller pairs);
 # they go to elements g*4R + k*R + r (k = 0..3) where c = g*R + r. So four elements share one
@@ -136,20 +135,6 @@ def _launch_config(numel: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
-def _check_device(op: str, x: torch.Tensor):
-    if x.device.type == "cuda":
-        if INTERPRETED:
-            raise ValueError(f"{op}: TRITON_INTERPRET=1 runs kernels on CPU tensors; got CUDA tensors")
-    elif x.device.type == "cpu":
-        if not INTERPRETED:
-            raise ValueError(f"{op}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before "
-                             "`kernels` is first imported); put the tensors on CUDA")
-        if x.dtype == torch.bfloat16:
-            raise TypeError(f"{op}: the Triton interpreter has no bfloat16; use float32/float16 on CPU")
-    else:
-        raise ValueError(f"{op}: tensors must be on CUDA (or CPU under the interpreter), got {x.device}")
-
-
 def _check_tensors(op: str, named: dict[str, torch.Tensor]):
     """All tensors: same shape, dtype, device; supported dtype; contiguous. Returns the first."""
     items = list(named.items())
@@ -165,8 +150,7 @@ def _check_tensors(op: str, named: dict[str, torch.Tensor]):
         if t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
                             "one storage dtype")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: dtype must be one of float32, float16, bfloat16, got {x.dtype}")
+    check_dtype(op, x.dtype)
     if x.ndim < 1:
         raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
     for name, t in items[1:]:
@@ -177,7 +161,7 @@ def _check_tensors(op: str, named: dict[str, torch.Tensor]):
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
                              "call .contiguous() first")
-    _check_device(op, x)
+    check_device(op, x)
     if x.numel() > _MAX_NUMEL:
         raise ValueError(f"{op}: at most {_MAX_NUMEL} elements per call (int32 offsets), got {x.numel()}")
     return x
