@@ -16,21 +16,33 @@ import triton.language as tl
 from . import INTERPRETED
 from ._common import SUPPORTED_DTYPES, check_device, check_dtype
 
-__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "NOISE_R", "BYTES_PER_ELEMENT"]
+__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R",
+           "BYTES_PER_ELEMENT"]
 
 # Noise layout. One Philox4x32-10 call on counter c yields four normals (two Box-Muller pairs);
 # they go to elements g*4R + k*R + r (k = 0..3) where c = g*R + r. So four elements share one
 # counter and the whole tile stays coalesced. The layout depends on R alone (never on the launch
-# configuration), so a (seed, step) pair gives the same noise on every device and tile size.
+# configuration: groups per program, warps), so a (seed, step) pair gives the same noise on every
+# device and tile size. R = 1024 is kept: the H100 measurements (README of
+# shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast as R = 512 in bf16 and
+# faster in fp32, and a new R would change every recorded noise stream.
 NOISE_R = 1024
 _GROUP = 4 * NOISE_R
 # Element offsets are int32; the last group may run up to _GROUP - 1 past numel.
 _MAX_NUMEL = 2**31 - _GROUP
 
-# Coefficient modes (how the kernel obtains each coefficient).
-_VALUE, _SCALAR_PTR, _SAMPLE_PTR = 0, 1, 2
+# Coefficient modes (how the kernel obtains each coefficient); the same names inside the kernels.
+COEF_VALUE: tl.constexpr = tl.constexpr(0)       # a python float argument
+COEF_SCALAR_PTR: tl.constexpr = tl.constexpr(1)  # a 0-d tensor, loaded in-kernel
+COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(2)  # entry b of a (B,) tensor
 # Noise modes.
-_NO_NOISE, _EXPLICIT, _PHILOX = 0, 1, 2
+NOISE_NONE: tl.constexpr = tl.constexpr(0)       # no c_z z term
+NOISE_EXPLICIT: tl.constexpr = tl.constexpr(1)   # z is a tensor argument
+NOISE_PHILOX: tl.constexpr = tl.constexpr(2)     # z drawn in-kernel from Philox keyed by (seed, step)
+
+# Storage dtypes of the step kernels: the attention set plus float64 (stored in fp64, computed
+# in fp32 exactly as wgfcore.ops does, so that backend="triton" accepts what "torch" accepts).
+STEP_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 # Minimum bytes moved per element, in units of the storage element size: inputs read once,
 # output written once, in-kernel noise reads nothing. Used by the benchmarks for GB/s.
@@ -50,9 +62,9 @@ BYTES_PER_ELEMENT = {
 @triton.jit
 def _coef(c, stride, b, mask, MODE: tl.constexpr):
     """A coefficient in fp32: a float argument, a 0-d tensor, or entry b of a (B,) tensor."""
-    if MODE == 0:
+    if MODE == COEF_VALUE:
         v = c
-    elif MODE == 1:
+    elif MODE == COEF_SCALAR_PTR:
         v = tl.load(c).to(tl.float32)
     else:
         v = tl.load(c + b * stride, mask=mask, other=0.0).to(tl.float32)
@@ -65,6 +77,7 @@ def _part(offs, noise, out_ptr, t0, t1, t2, t3, z_ptr,
           NT: tl.constexpr, NOISE: tl.constexpr,
           M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
           PER_SAMPLE: tl.constexpr):
+    """The update itself, for one quarter-tile: the only place a kernel writes the formula."""
     mask = offs < numel
     if PER_SAMPLE:
         b = offs // inner  # sample index of each element (x is (B, ...) and contiguous)
@@ -77,11 +90,39 @@ def _part(offs, noise, out_ptr, t0, t1, t2, t3, z_ptr,
         acc = acc + _coef(c2, s2, b, mask, M2) * tl.load(t2 + offs, mask=mask, other=0.0).to(tl.float32)
     if NT >= 4:
         acc = acc + _coef(c3, s3, b, mask, M3) * tl.load(t3 + offs, mask=mask, other=0.0).to(tl.float32)
-    if NOISE == 1:
+    if NOISE == NOISE_EXPLICIT:
         acc = acc + _coef(cz, sz, b, mask, MZ) * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE == 2:
+    elif NOISE == NOISE_PHILOX:
         acc = acc + _coef(cz, sz, b, mask, MZ) * noise
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile(g, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz, numel, inner,
+          NT: tl.constexpr, NOISE: tl.constexpr,
+          M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
+          PER_SAMPLE: tl.constexpr, R: tl.constexpr):
+    """Group g (4 R elements): its noise, then the update on each of its four quarter-tiles."""
+    r = tl.arange(0, R)
+    base = g * (4 * R)
+    if NOISE == NOISE_PHILOX:
+        # Philox key = (seed, step) as its (low, high) 32-bit words: every step of every seed
+        # is its own stream; the counter is the element's group-local index.
+        key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
+        n0, n1, n2, n3 = tl.randn4x(key, g * R + r)
+    else:
+        n0 = 0.0
+        n1 = 0.0
+        n2 = 0.0
+        n3 = 0.0
+    _part(base + r, n0, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
+    _part(base + R + r, n1, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
+    _part(base + 2 * R + r, n2, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
+    _part(base + 3 * R + r, n3, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -91,48 +132,70 @@ def _affine_kernel(out_ptr, t0, t1, t2, t3, z_ptr,
                    NT: tl.constexpr, NOISE: tl.constexpr,
                    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
                    PER_SAMPLE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr):
+    """The public launchers' kernel: any coefficient kind, explicit or in-kernel noise."""
     pid = tl.program_id(0)
-    r = tl.arange(0, R)
     for j in tl.static_range(GROUPS):
-        g = pid * GROUPS + j
-        base = g * (4 * R)
-        if NOISE == 2:
-            # Philox key = (seed, step) as its (low, high) 32-bit words: every step of every seed
-            # is its own stream; the counter is the element's group-local index.
-            key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
-            n0, n1, n2, n3 = tl.randn4x(key, g * R + r)
-        else:
-            n0 = 0.0
-            n1 = 0.0
-            n2 = 0.0
-            n3 = 0.0
-        _part(base + r, n0, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-        _part(base + R + r, n1, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-        _part(base + 2 * R + r, n2, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-        _part(base + 3 * R + r, n3, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
+        _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz,
+              s0, s1, s2, s3, sz, numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, R)
+
+
+@triton.jit(do_not_specialize=["numel", "step"])
+def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, numel, step,
+                  NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr):
+    """The sampling loop's kernel (nine arguments, so that a launch costs little host time).
+
+    Coefficients of step `step` are row `step` of a (N, NT + 1) fp32 table, column k scaling
+    tensor k and column NT scaling the noise. The seed is read from the device (a 0-d int64
+    tensor), so a captured CUDA graph replays with whatever seed was written there: a new seed
+    needs no new capture. Same `_tile` as `_affine_kernel`: the same bits for the same inputs.
+    """
+    pid = tl.program_id(0)
+    row = coef_ptr + step * (NT + 1)
+    c0 = tl.load(row)
+    c1 = tl.load(row + 1)
+    if NT >= 3:
+        c2 = tl.load(row + 2)
+    else:
+        c2 = 0.0
+    if NT >= 4:
+        c3 = tl.load(row + 3)
+    else:
+        c3 = 0.0
+    if NOISE == NOISE_PHILOX:
+        cz = tl.load(row + NT)
+        seed = tl.load(seed_ptr)
+    else:
+        cz = 0.0
+        seed = 0
+    for j in tl.static_range(GROUPS):
+        _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, t0, c0, c1, c2, c3, cz,
+              0, 0, 0, 0, 0, numel, 1, NT, NOISE, COEF_VALUE, COEF_VALUE, COEF_VALUE, COEF_VALUE, COEF_VALUE,
+              False, R)
 
 
 def _launch_config(numel: int) -> tuple[int, int]:
     """(groups per program, num_warps). One group = 4 R = 4096 elements.
 
-    On GPU: 4096 elements per program with 4 warps is 8 elements (16-32 bytes) per thread per
-    tensor per quarter-tile: full-width vector loads for every storage dtype. Large tensors take
-    2 groups per program (8192 elements) to halve the number of programs and amortise the
-    per-program coefficient and key set-up. Untuned; bench/test_bench_step.py measures it.
+    On GPU: one group of 4096 elements per program with 8 warps (8 elements per thread per
+    tile, across its four quarter-tiles). The H100 measurements found this tile layout at 99%
+    of copy bandwidth in fp32 and 73% in bf16 for a minimal kernel of the same form, against
+    92% / 60% with 4 warps: more warps hide the Philox + Box-Muller latency. That this
+    kernel reaches it too is for the 2^27-element rows of bench/test_bench_step.py to show.
     Interpreter: one group per program (it runs programs one after another anyway).
+    Neither number changes the noise (see NOISE_R).
     """
     if INTERPRETED:
         return 1, 4
-    return (2 if numel >= 64 * 8192 else 1), 4
+    return 1, 8
 
 
 # --------------------------------------------------------------------------------------
 # Launcher: validation, then one launch
 # --------------------------------------------------------------------------------------
+
+# Python-side values of the modes (the launchers compare and pass plain ints).
+_VALUE, _SCALAR_PTR, _SAMPLE_PTR = COEF_VALUE.value, COEF_SCALAR_PTR.value, COEF_SAMPLE_PTR.value
+_NO_NOISE, _EXPLICIT, _PHILOX = NOISE_NONE.value, NOISE_EXPLICIT.value, NOISE_PHILOX.value
 
 
 def _check_tensors(op: str, named: dict[str, torch.Tensor]):
@@ -150,7 +213,7 @@ def _check_tensors(op: str, named: dict[str, torch.Tensor]):
         if t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
                             "one storage dtype")
-    check_dtype(op, x.dtype)
+    check_dtype(op, x.dtype, STEP_DTYPES)
     if x.ndim < 1:
         raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
     for name, t in items[1:]:
@@ -192,9 +255,10 @@ def _coef_arg(op: str, name: str, c, x: torch.Tensor):
 
 
 def _check_key(op: str, seed, step):
+    """seed and step as python ints in [0, 2**32); numpy integers are accepted."""
     for name, v in (("seed", seed), ("step", step)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be a python int for in-kernel noise, got {type(v).__name__}")
+            raise TypeError(f"{op}: {name} must be an integer for in-kernel noise, got {type(v).__name__}")
         if not 0 <= int(v) < 2**32:
             raise ValueError(f"{op}: {name} must lie in [0, 2**32), got {v}")
     return int(seed), int(step)
@@ -290,30 +354,120 @@ def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
                    {"c_x": c_x, "c_s": c_s, "c_xp": c_xp, "c_sp": c_sp}, out=out)
 
 
-class TritonSteps:
-    """Step backend for `wgfcore.sample` with the fused kernels (same methods as `TorchSteps`).
+# --------------------------------------------------------------------------------------
+# The sampling loop's backend: validate once per run, then launch with pre-bound arguments
+# --------------------------------------------------------------------------------------
 
-    Noise of step i is drawn in-kernel from Philox keyed by (seed, i, offset): no noise tensor
-    is allocated or read, and a fixed seed makes a whole sampling run deterministic.
+# Each update's coefficient table as the sampler hands it over (columns), and how many state
+# tensors it combines. The kernel's table has NT + 1 columns: one per tensor, then the noise's.
+_TABLES = {
+    "predict": ("c_x, c_s", 2),
+    "em": ("c_x, c_s, c_z", 2),
+    "project": ("c_T, c_z", 2),
+    "heun": ("c_x, c_s, c_xp, c_sp", 4),
+}
+
+
+class TritonSteps:
+    """Step backend for `wgfcore.sample` with the fused kernels (the protocol of `wgfcore.ops.TorchSteps`).
+
+    `plan(x, tables)` runs once per sampling run: it validates the state and the coefficient
+    tables, packs each table into the kernel's (N, NT + 1) fp32 layout and binds the launch
+    (grid, constexprs, seed pointer). Each step is then one launch of `_table_kernel` with nine
+    arguments and no further checks: the tensors it gets are the loop's own outputs and network
+    outputs that the sampler already checked (shape, device, floating dtype) and made
+    contiguous through `accept`. The public `predict/em/project/heun` keep their full checks.
+
+    Noise of step i is drawn in-kernel from Philox keyed by (seed, i, offset). `seed` is a
+    python int in [0, 2**32) or a 0-d int64 tensor on the device (its low 32 bits are the key);
+    the kernel reads it from the device, so a CUDA graph replays with whatever seed it holds.
     """
 
     name = "triton"
 
-    def __init__(self, seed: int, device=None):
-        self.seed, _ = _check_key("TritonSteps", seed, 0)
+    def __init__(self, seed, device=None):
+        if torch.is_tensor(seed):
+            if seed.ndim != 0 or seed.dtype != torch.int64:
+                raise TypeError(f"TritonSteps: a seed tensor must be 0-d int64, got {seed.dtype} of shape "
+                                f"{tuple(seed.shape)}")
+            self.seed = seed
+        else:
+            self.seed, _ = _check_key("TritonSteps", seed, 0)
         self.device = torch.device(device) if device is not None else None
+        self._tables = None
 
-    def predict(self, x, s, c_x, c_s):
-        return predict(x, s, c_x, c_s)
+    def plan(self, x: torch.Tensor, tables: dict) -> "TritonSteps":
+        """Validate x and the tables once; keep everything a launch needs. Returns self."""
+        _check_tensors("TritonSteps", {"x": x})
+        if self.device is not None and x.device != self.device:
+            raise ValueError(f"TritonSteps: built for {self.device}, got a state on {x.device}")
+        packed = {}
+        for name, tab in tables.items():
+            if name not in _TABLES:
+                raise ValueError(f"TritonSteps: unknown coefficient table {name!r}; known: {sorted(_TABLES)}")
+            cols, nt = _TABLES[name]
+            ncol = cols.count(",") + 1
+            if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != ncol or not tab.is_floating_point():
+                raise ValueError(f"TritonSteps: table {name!r} must be a floating (N, {ncol}) tensor with columns "
+                                 f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
+            if tab.device != x.device:
+                raise ValueError(f"TritonSteps: table {name!r} is on {tab.device}, the state on {x.device}")
+            tab = tab.to(torch.float32)
+            n = tab.shape[0]
+            if name == "predict":
+                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
+            elif name == "project":  # x_pred enters with coefficient 1, exactly as in wgfcore.ops.project
+                tab = torch.cat([tab.new_ones(n, 1), tab], 1)
+            elif name == "heun":
+                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
+            packed[name] = (tab.contiguous(), n)
+        seed = self.seed
+        if torch.is_tensor(seed):
+            if seed.device != x.device:
+                raise ValueError(f"TritonSteps: the seed tensor is on {seed.device}, the state on {x.device}")
+        else:
+            seed = torch.tensor(seed, dtype=torch.int64, device=x.device)
+        self._seed_t = seed
+        self._tables = packed
+        self._numel = x.numel()
+        groups, num_warps = _launch_config(self._numel)
+        self._run = _table_kernel[(max(1, triton.cdiv(self._numel, _GROUP * groups)),)]
+        self._kw = {(nt, noise): dict(NT=nt, NOISE=noise, R=NOISE_R, GROUPS=groups, num_warps=num_warps)
+                    for nt in (2, 4) for noise in (_NO_NOISE, _PHILOX)}
+        return self
 
-    def em(self, x, s, c_x, c_s, c_z, step: int):
-        return em(x, s, c_x, c_s, c_z, seed=None if c_z is None else self.seed, step=step)
+    def accept(self, t: torch.Tensor) -> torch.Tensor:
+        """A network output as the kernels take it: contiguous, and no bfloat16 in the interpreter.
 
-    def project(self, x_pred, T, c_T, c_z, step: int):
-        return project(x_pred, T, c_T, c_z, seed=None if c_z is None else self.seed, step=step)
+        Both conversions keep every value, so the torch and Triton backends see the same numbers.
+        Other floating dtypes (fp16/bf16/fp32/fp64) go to the kernel as they are: it loads each
+        tensor in its own dtype and computes in fp32, as `wgfcore.ops` does.
+        """
+        if INTERPRETED and t.dtype == torch.bfloat16:
+            t = t.float()
+        return t if t.is_contiguous() else t.contiguous()
 
-    def heun(self, x, s, x_p, s_p, c_x, c_s, c_xp, c_sp):
-        return heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp)
+    def _step(self, name, i, t0, t1, t2, t3, nt, noise):
+        tab, n = self._tables[name]
+        if not 0 <= i < n:
+            raise IndexError(f"TritonSteps: step {i} outside the planned table {name!r} of {n} rows")
+        out = torch.empty_like(t0)
+        if self._numel:
+            self._run(out, t0, t1, t2, t3, tab, self._seed_t, self._numel, i, **self._kw[(nt, noise)])
+        return out
+
+    def predict(self, x, s, table: str, i: int):
+        return self._step(table, i, x, s, x, x, 2, _NO_NOISE)
+
+    def em(self, x, s, table: str, i: int, noisy: bool):
+        return self._step(table, i, x, s, x, x, 2, _PHILOX if noisy else _NO_NOISE)
+
+    def project(self, x_pred, T, table: str, i: int, noisy: bool):
+        return self._step(table, i, x_pred, T, x_pred, x_pred, 2, _PHILOX if noisy else _NO_NOISE)
+
+    def heun(self, x, s, x_p, s_p, table: str, i: int):
+        return self._step(table, i, x, s, x_p, s_p, 4, _NO_NOISE)
 
     def __repr__(self):
-        return f"TritonSteps(seed={self.seed}, device={self.device})"
+        seed = "<device tensor>" if torch.is_tensor(self.seed) else self.seed
+        return f"TritonSteps(seed={seed}, device={self.device})"
