@@ -39,6 +39,12 @@ COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(2)  # entry b of a (B,) tensor
 NOISE_NONE: tl.constexpr = tl.constexpr(0)       # no c_z z term
 NOISE_EXPLICIT: tl.constexpr = tl.constexpr(1)   # z is a tensor argument
 NOISE_PHILOX: tl.constexpr = tl.constexpr(2)     # z drawn in-kernel from Philox keyed by (seed, step)
+# Which tensor is a network output whose finiteness the sampling loop's kernel checks.
+CHECK_NONE: tl.constexpr = tl.constexpr(0)
+CHECK_T1: tl.constexpr = tl.constexpr(1)         # s in predict/em, T in project
+CHECK_T3: tl.constexpr = tl.constexpr(3)         # s' in heun (its s was checked by the predict before it)
+#: the guard flag's value while no network output was non-finite (steps lower it by atomic min)
+FLAG_CLEAR = 2**62
 
 # Storage dtypes of the step kernels: the attention set plus float64 (stored in fp64, computed
 # in fp32 exactly as wgfcore.ops does, so that backend="triton" accepts what "torch" accepts).
@@ -76,33 +82,48 @@ def _part(offs, noise, out_ptr, t0, t1, t2, t3, z_ptr,
           c0, c1, c2, c3, cz, s0, s1, s2, s3, sz, numel, inner,
           NT: tl.constexpr, NOISE: tl.constexpr,
           M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
-          PER_SAMPLE: tl.constexpr):
-    """The update itself, for one quarter-tile: the only place a kernel writes the formula."""
+          PER_SAMPLE: tl.constexpr, CHECK: tl.constexpr):
+    """The update itself, for one quarter-tile: the only place a kernel writes the formula.
+
+    Returns how many elements of the network output (t1 if CHECK == CHECK_T1, t3 if
+    CHECK_T3) are NaN or inf; v - v is 0 exactly for finite v and NaN otherwise.
+    """
     mask = offs < numel
     if PER_SAMPLE:
         b = offs // inner  # sample index of each element (x is (B, ...) and contiguous)
     else:
         b = offs * 0
     # Same association as wgfcore.ops: ((c0 t0 + c1 t1) + c2 t2) + c3 t3, then + cz z.
+    v1 = tl.load(t1 + offs, mask=mask, other=0.0).to(tl.float32)
     acc = _coef(c0, s0, b, mask, M0) * tl.load(t0 + offs, mask=mask, other=0.0).to(tl.float32) \
-        + _coef(c1, s1, b, mask, M1) * tl.load(t1 + offs, mask=mask, other=0.0).to(tl.float32)
+        + _coef(c1, s1, b, mask, M1) * v1
     if NT >= 3:
         acc = acc + _coef(c2, s2, b, mask, M2) * tl.load(t2 + offs, mask=mask, other=0.0).to(tl.float32)
     if NT >= 4:
-        acc = acc + _coef(c3, s3, b, mask, M3) * tl.load(t3 + offs, mask=mask, other=0.0).to(tl.float32)
+        v3 = tl.load(t3 + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc + _coef(c3, s3, b, mask, M3) * v3
     if NOISE == NOISE_EXPLICIT:
         acc = acc + _coef(cz, sz, b, mask, MZ) * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     elif NOISE == NOISE_PHILOX:
         acc = acc + _coef(cz, sz, b, mask, MZ) * noise
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if CHECK == CHECK_T1:
+        nbad = tl.sum(((v1 - v1) != 0.0).to(tl.int32), axis=0)
+    elif CHECK == CHECK_T3:
+        nbad = tl.sum(((v3 - v3) != 0.0).to(tl.int32), axis=0)
+    else:
+        nbad = 0
+    return nbad
 
 
 @triton.jit
 def _tile(g, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz, numel, inner,
           NT: tl.constexpr, NOISE: tl.constexpr,
           M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
-          PER_SAMPLE: tl.constexpr, R: tl.constexpr):
-    """Group g (4 R elements): its noise, then the update on each of its four quarter-tiles."""
+          PER_SAMPLE: tl.constexpr, R: tl.constexpr, CHECK: tl.constexpr):
+    """Group g (4 R elements): its noise, then the update on each of its four quarter-tiles.
+
+    Returns the count of non-finite network-output elements (see `_part`)."""
     r = tl.arange(0, R)
     base = g * (4 * R)
     if NOISE == NOISE_PHILOX:
@@ -115,14 +136,15 @@ def _tile(g, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0,
         n1 = 0.0
         n2 = 0.0
         n3 = 0.0
-    _part(base + r, n0, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-    _part(base + R + r, n1, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-    _part(base + 2 * R + r, n2, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-    _part(base + 3 * R + r, n3, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-          numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
+    nbad = _part(base + r, n0, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                 numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    nbad += _part(base + R + r, n1, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                  numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    nbad += _part(base + 2 * R + r, n2, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                  numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    nbad += _part(base + 3 * R + r, n3, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                  numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    return nbad
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -136,13 +158,18 @@ def _affine_kernel(out_ptr, t0, t1, t2, t3, z_ptr,
     pid = tl.program_id(0)
     for j in tl.static_range(GROUPS):
         _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz,
-              s0, s1, s2, s3, sz, numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, R)
+              s0, s1, s2, s3, sz, numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, R, CHECK_NONE)
 
 
 @triton.jit(do_not_specialize=["numel", "step"])
-def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, numel, step,
-                  NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr):
-    """The sampling loop's kernel (nine arguments, so that a launch costs little host time).
+def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, step,
+                  NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr,
+                  CHECK: tl.constexpr):
+    """The sampling loop's kernel (ten arguments, so that a launch costs little host time).
+
+    It also checks the network output it reads (CHECK): a program that finds a NaN or inf
+    lowers the int64 at flag_ptr to `step` (atomic min), so the sampler's non-finite guard
+    costs no launch of its own; the flag is read once, after the loop.
 
     Coefficients of step `step` are row `step` of a (N, NT + 1) fp32 table, column k scaling
     tensor k and column NT scaling the noise. The seed is read from the device (a 0-d int64
@@ -167,10 +194,14 @@ def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, numel, step,
     else:
         cz = 0.0
         seed = 0
+    nbad = 0
     for j in tl.static_range(GROUPS):
-        _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, t0, c0, c1, c2, c3, cz,
-              0, 0, 0, 0, 0, numel, 1, NT, NOISE, COEF_VALUE, COEF_VALUE, COEF_VALUE, COEF_VALUE, COEF_VALUE,
-              False, R)
+        nbad += _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, t0, c0, c1, c2, c3, cz,
+                      0, 0, 0, 0, 0, numel, 1, NT, NOISE, COEF_VALUE, COEF_VALUE, COEF_VALUE, COEF_VALUE,
+                      COEF_VALUE, False, R, CHECK)
+    if CHECK != CHECK_NONE:
+        if nbad > 0:
+            tl.atomic_min(flag_ptr, step.to(tl.int64))
 
 
 def _launch_config(numel: int) -> tuple[int, int]:
@@ -196,6 +227,7 @@ def _launch_config(numel: int) -> tuple[int, int]:
 # Python-side values of the modes (the launchers compare and pass plain ints).
 _VALUE, _SCALAR_PTR, _SAMPLE_PTR = COEF_VALUE.value, COEF_SCALAR_PTR.value, COEF_SAMPLE_PTR.value
 _NO_NOISE, _EXPLICIT, _PHILOX = NOISE_NONE.value, NOISE_EXPLICIT.value, NOISE_PHILOX.value
+_CHECK_T1, _CHECK_T3 = CHECK_T1.value, CHECK_T3.value
 
 
 def _check_tensors(op: str, named: dict[str, torch.Tensor]):
@@ -373,8 +405,8 @@ class TritonSteps:
 
     `plan(x, tables)` runs once per sampling run: it validates the state and the coefficient
     tables, packs each table into the kernel's (N, NT + 1) fp32 layout and binds the launch
-    (grid, constexprs, seed pointer). Each step is then one launch of `_table_kernel` with nine
-    arguments and no further checks: the tensors it gets are the loop's own outputs and network
+    (grid, constexprs, seed pointer, guard flag). Each step is then one launch of `_table_kernel`
+    with ten arguments and no further checks: the tensors it gets are the loop's own outputs and network
     outputs that the sampler already checked (shape, device, floating dtype) and made
     contiguous through `accept`. The public `predict/em/project/heun` keep their full checks.
 
@@ -395,6 +427,9 @@ class TritonSteps:
             self.seed, _ = _check_key("TritonSteps", seed, 0)
         self.device = torch.device(device) if device is not None else None
         self._tables = None
+        #: after plan(): a 0-d int64 device tensor, FLAG_CLEAR until a checked network output held
+        #: a NaN or inf, then the first such step (the sampler's guard reads it once, at the end)
+        self.finite_flag = None
 
     def plan(self, x: torch.Tensor, tables: dict) -> "TritonSteps":
         """Validate x and the tables once; keep everything a launch needs. Returns self."""
@@ -428,12 +463,14 @@ class TritonSteps:
         else:
             seed = torch.tensor(seed, dtype=torch.int64, device=x.device)
         self._seed_t = seed
+        self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64, device=x.device)
         self._tables = packed
         self._numel = x.numel()
         groups, num_warps = _launch_config(self._numel)
         self._run = _table_kernel[(max(1, triton.cdiv(self._numel, _GROUP * groups)),)]
-        self._kw = {(nt, noise): dict(NT=nt, NOISE=noise, R=NOISE_R, GROUPS=groups, num_warps=num_warps)
-                    for nt in (2, 4) for noise in (_NO_NOISE, _PHILOX)}
+        self._kw = {(nt, noise, check): dict(NT=nt, NOISE=noise, R=NOISE_R, GROUPS=groups, num_warps=num_warps,
+                                             CHECK=check)
+                    for nt in (2, 4) for noise in (_NO_NOISE, _PHILOX) for check in (_CHECK_T1, _CHECK_T3)}
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
@@ -447,26 +484,29 @@ class TritonSteps:
             t = t.float()
         return t if t.is_contiguous() else t.contiguous()
 
-    def _step(self, name, i, t0, t1, t2, t3, nt, noise):
+    def _step(self, name, i, t0, t1, t2, t3, nt, noise, check):
         tab, n = self._tables[name]
         if not 0 <= i < n:
             raise IndexError(f"TritonSteps: step {i} outside the planned table {name!r} of {n} rows")
         out = torch.empty_like(t0)
         if self._numel:
-            self._run(out, t0, t1, t2, t3, tab, self._seed_t, self._numel, i, **self._kw[(nt, noise)])
+            self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
+                      **self._kw[(nt, noise, check)])
         return out
 
+    # The second tensor of predict/em/project and the fourth of heun are network outputs:
+    # the kernel checks them for NaN/inf into finite_flag.
     def predict(self, x, s, table: str, i: int):
-        return self._step(table, i, x, s, x, x, 2, _NO_NOISE)
+        return self._step(table, i, x, s, x, x, 2, _NO_NOISE, _CHECK_T1)
 
     def em(self, x, s, table: str, i: int, noisy: bool):
-        return self._step(table, i, x, s, x, x, 2, _PHILOX if noisy else _NO_NOISE)
+        return self._step(table, i, x, s, x, x, 2, _PHILOX if noisy else _NO_NOISE, _CHECK_T1)
 
     def project(self, x_pred, T, table: str, i: int, noisy: bool):
-        return self._step(table, i, x_pred, T, x_pred, x_pred, 2, _PHILOX if noisy else _NO_NOISE)
+        return self._step(table, i, x_pred, T, x_pred, x_pred, 2, _PHILOX if noisy else _NO_NOISE, _CHECK_T1)
 
     def heun(self, x, s, x_p, s_p, table: str, i: int):
-        return self._step(table, i, x, s, x_p, s_p, 4, _NO_NOISE)
+        return self._step(table, i, x, s, x_p, s_p, 4, _NO_NOISE, _CHECK_T3)
 
     def __repr__(self):
         seed = "<device tensor>" if torch.is_tensor(self.seed) else self.seed

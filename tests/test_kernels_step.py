@@ -296,6 +296,32 @@ def test_plan_validates_once_with_clear_errors():
         plan.em(x, x, "em", 3, True)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_plan_kernels_flag_nonfinite_network_outputs(bad):
+    """The table kernel checks the network output it reads (s, T, s') into finite_flag: the first bad step."""
+    from wgfcore.sample import FLAG_CLEAR
+    assert ks.FLAG_CLEAR == FLAG_CLEAR
+    x = torch.randn(3, 5000, device=DEVICE)  # two groups: the bad element sits in the second program
+    s_bad = x.clone()
+    s_bad[2, 4000] = bad
+    tables = {"predict": torch.ones(9, 2, device=DEVICE), "em": torch.ones(9, 3, device=DEVICE),
+              "project": torch.ones(9, 2, device=DEVICE), "heun": torch.ones(9, 4, device=DEVICE)}
+    plan = ks.TritonSteps(1).plan(x, tables)
+    plan.em(x, x, "em", 2, True)
+    plan.heun(x, s_bad, x, x, "heun", 3)  # heun checks s' (its s went through predict first)
+    assert int(plan.finite_flag) == FLAG_CLEAR
+    plan.project(x, s_bad, "project", 5, False)
+    plan.predict(x, s_bad, "predict", 7)  # a later bad step does not overwrite the first
+    assert int(plan.finite_flag) == 5
+    plan.finite_flag.fill_(FLAG_CLEAR)
+    plan.heun(x, x, x, s_bad, "heun", 4)
+    plan.em(s_bad, x, "em", 1, True)  # the state is not a network output: not checked
+    assert int(plan.finite_flag) == 4
+    plan.finite_flag.fill_(FLAG_CLEAR)
+    plan.em(x, s_bad, "em", 6, False)
+    assert int(plan.finite_flag) == 6
+
+
 def test_numpy_integers_as_seed_and_step():
     x, s = _xs()
     a = ks.em(x, s, 1.0, 1.0, 0.5, seed=np.int64(7), step=np.uint32(2))

@@ -87,6 +87,7 @@ class TorchSteps:
     """
 
     name = "torch"
+    finite_flag = None  # no in-kernel finiteness check: the sampler's guard checks with torch
 
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator

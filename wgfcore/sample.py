@@ -82,19 +82,27 @@ def resolve_backend(backend: str, device) -> str:
 
 # --- shared loop machinery ----------------------------------------------------------------------
 
+#: a guard flag's value while every network output was finite (then: the first bad step)
+FLAG_CLEAR = 2**62
+
+
 class _Guard:
     """Checks network outputs: shape, device and dtype on the host (free), finiteness on the device.
 
     The first step with a non-finite output goes into a device flag (no sync); `finish` reads it
-    once, after the loop. Outputs pass through the backend's `accept` (values unchanged).
+    once, after the loop. A backend with a `finite_flag` (TritonSteps) checks finiteness inside
+    its step kernels, which read the outputs anyway: no extra launch per network call. Otherwise
+    (TorchSteps) the guard checks with torch. Outputs pass through the backend's `accept`.
     """
 
-    def __init__(self, x: torch.Tensor, accept):
-        self.shape, self.device, self.accept = x.shape, x.device, accept
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=x.device)
+    def __init__(self, x: torch.Tensor, backend):
+        self.shape, self.device, self.accept = x.shape, x.device, backend.accept
+        flag = getattr(backend, "finite_flag", None)
+        self.in_kernel = flag is not None
+        self.first_bad = flag if self.in_kernel else torch.full((), FLAG_CLEAR, dtype=torch.int64, device=x.device)
 
     def reset(self):
-        self.first_bad.fill_(-1)
+        self.first_bad.fill_(FLAG_CLEAR)
 
     def __call__(self, out, name: str, i: int):
         if not torch.is_tensor(out):
@@ -106,12 +114,13 @@ class _Guard:
         if not out.is_floating_point():
             raise TypeError(f"{name} returned dtype {out.dtype}, expected a floating tensor")
         out = self.accept(out)
-        self.first_bad.masked_fill_((self.first_bad < 0) & ~torch.isfinite(out).all(), i)
+        if not self.in_kernel:
+            self.first_bad.masked_fill_((self.first_bad > i) & ~torch.isfinite(out).all(), i)
         return out
 
     def finish(self, ts):
         i = int(self.first_bad)  # the one host sync, after the loop
-        if i >= 0:
+        if i < FLAG_CLEAR:
             raise FloatingPointError(
                 f"a network produced NaN or inf at step {i} (t = {float(ts[i]):.4g}); "
                 f"check the score/projection network and its inputs at that time"
@@ -216,7 +225,7 @@ class _Plan:
         else:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         self.backend.plan(x, {k: v.to(**dev) for k, v in tables.items()})
-        self.guard = _Guard(x, self.backend.accept)
+        self.guard = _Guard(x, self.backend)
 
 
 def _steps_iter(p: _Plan, progress: bool):
