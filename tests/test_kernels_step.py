@@ -296,6 +296,7 @@ def test_plan_validates_once_with_clear_errors():
         plan.em(x, x, "em", 3, True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_plan_kernels_flag_nonfinite_network_outputs(bad):
     """The table kernel checks the network output it reads (s, T, s') into finite_flag: the first bad step."""
