@@ -4,6 +4,7 @@ ALGORITHMS §2: each sampler step is an affine combination of a few same-shaped 
 (state, score, projection, noise) with coefficients that are scalars or per-sample (B,)
 vectors. Storage may be fp32/fp16/bf16; arithmetic is fp32, exactly as in `kernels/`.
 The coefficient tables for all steps are computed up front in float64 (`*_coefficients`).
+`TorchSteps` is the sampling loop's backend built on these updates (the Triton one mirrors it).
 """
 from __future__ import annotations
 

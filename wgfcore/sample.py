@@ -469,7 +469,8 @@ def sample(score_fn: ScoreFn, shape, steps: int, sampler: str = "predict_project
 
     score_fn(x, t) -> grad log p_t(x) and proj_fn(x, t) -> T(x, t) take t of shape (B,) in forward
     time and return a floating tensor of x's shape on x's device (any floating dtype: it is read
-    as is and the update computed in fp32; non-contiguous outputs are made contiguous once).
+    as is and the update computed in fp32; the Triton backend copies a non-contiguous output to a
+    contiguous one, values unchanged).
     `delta_p=None` takes the paper's value for N (`ops.default_delta_p`); samplers without a
     projection ignore delta_p, and every sampler but reverse_sde ignores a (both are still
     checked). `seed` (any integer torch.Generator.manual_seed takes) or an explicit `generator`
