@@ -104,7 +104,7 @@ def _large_params():
     for update in UPDATES:
         for dname in DTYPES:
             marks = [] if ON_GPU else [pytest.mark.skip(reason="CUDA-only row: 2^27 elements is a bandwidth test")]
-            yield pytest.param(update, dname, marks=marks, id=f"{update}-triton-{dname}-2^27")
+            yield pytest.param(update, dname, marks=marks, id=f"{update}-triton-{dname}-large")
 
 
 @pytest.mark.parametrize("update,dname", list(_large_params()))
