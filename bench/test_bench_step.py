@@ -1,5 +1,8 @@
 """Sampler-step kernels: fused Triton vs eager PyTorch vs torch.compile (GB/s, % of copy bandwidth).
 
+Also: the public kernels at 2^27 elements (the memory limit) and the host time per call of the
+public launcher, of the sampling loop's planned launch, and of one step inside sample().
+
 Each row times one update of `wgfcore.ops` on a batch of 3x64x64 images. Eager is the unfused
 sequence (torch.randn, then the ops one by one); compile is torch.compile of the same function,
 randn included (Inductor can fuse its own RNG); triton is kernels.sampler_step with in-kernel
@@ -15,6 +18,11 @@ from wgfcore import ops
 
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETED
 DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
 
 BATCHES = [1, 16, 64, 256]  # x 3 x 64 x 64: one image (49 KB in fp32) to 256 images (12.6 MB)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,3 +93,86 @@ def test_step(benchmark, copy_bandwidth, record_rates, update, impl, dname, B):
     nbytes = ks.BYTES_PER_ELEMENT[update] * numel * T[0].element_size()
     record_rates(benchmark, calls=calls, nbytes=nbytes, copy_bw=copy_bandwidth,
                  update=update, impl=impl, dtype=dname, shape=[B, 3, 64, 64])
+
+
+# --- the memory limit: 2^27 elements, far beyond L2 (issue 11 item 3) ---------------------------
+
+LARGE = 1 << 27
+
+
+def _large_params():
+    for update in UPDATES:
+        for dname in DTYPES:
+            marks = [] if ON_GPU else [pytest.mark.skip(reason="CUDA-only row: 2^27 elements is a bandwidth test")]
+            yield pytest.param(update, dname, marks=marks, id=f"{update}-triton-{dname}-large")
+
+
+@pytest.mark.parametrize("update,dname", list(_large_params()))
+def test_step_large(benchmark, copy_bandwidth, record_rates, update, dname):
+    """The public kernel at 2^27 elements, as a share of the same session's copy bandwidth."""
+    dtype = DTYPES[dname]
+    n_t, n_c, _ = UPDATES[update]
+    T = [torch.empty(LARGE, device=DEVICE, dtype=dtype).normal_() for _ in range(n_t)]
+    C = [torch.tensor(v, device=DEVICE) for v in (1.01, -0.02, 0.13, 0.5)[:n_c]]
+    fn = _fn(update, "triton")
+    calls = 5
+
+    def run():
+        for i in range(calls):
+            fn(T, C, i)
+        sync()
+
+    run()
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    nbytes = ks.BYTES_PER_ELEMENT[update] * LARGE * T[0].element_size()
+    record_rates(benchmark, calls=calls, nbytes=nbytes, copy_bw=copy_bandwidth,
+                 update=update, impl="triton", dtype=dname, shape=[LARGE])
+
+
+# --- host time per call (issue 11 item 2): the public launcher vs the sampling loop's path -------
+
+HOST_NUMEL = 4096
+HOST_CALLS = 2000
+
+
+def _host_params():
+    for path in ("public-em", "plan-em", "sample-em-step"):
+        marks = [] if ON_GPU else [pytest.mark.skip(reason=INTERPRETER_REASON)]
+        yield pytest.param(path, marks=marks, id=f"host-{path}-fp32-{HOST_NUMEL}")
+
+
+@pytest.mark.parametrize("path", list(_host_params()))
+def test_host_time_per_call(benchmark, record_rates, path):
+    """Wall time per call at 4096 elements, one sync per round: launch-bound, so this is host time.
+
+    public-em: kernels.sampler_step.em with 0-d device coefficients (full validation per call);
+    plan-em: TritonSteps.em after one plan() (what sample() calls per step);
+    sample-em-step: a whole sample(euler_maruyama, N = HOST_CALLS) run with a network that returns
+    a fixed tensor, divided by N: the loop, the guard and the fused step, per step.
+    """
+    from wgfcore.sample import sample
+
+    x = torch.randn(4, HOST_NUMEL // 4, device=DEVICE)
+    s = torch.randn_like(x)
+    C = [torch.tensor(v, device=DEVICE) for v in (1.01, -0.02, 0.13)]
+    plan = ks.TritonSteps(7).plan(x, {"em": torch.tensor([[1.01, -0.02, 0.13]] * HOST_CALLS, device=DEVICE)})
+
+    if path == "public-em":
+        def run():
+            for i in range(HOST_CALLS):
+                ks.em(x, s, *C, seed=7, step=i)
+            sync()
+    elif path == "plan-em":
+        def run():
+            for i in range(HOST_CALLS):
+                plan.em(x, s, "em", i, True)
+            sync()
+    else:
+        def run():
+            sample(lambda x_, t: s, tuple(x.shape), HOST_CALLS, sampler="euler_maruyama", seed=0, device=DEVICE,
+                   backend="triton")
+            sync()
+
+    run()
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    record_rates(benchmark, calls=HOST_CALLS, path=path, numel=HOST_NUMEL)

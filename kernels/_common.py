@@ -32,6 +32,8 @@ def check_device(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: tensors must be on CUDA (or CPU under the interpreter), got {x.device}")
 
 
-def check_dtype(op: str, dtype: torch.dtype) -> None:
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: dtype must be one of float32, float16, bfloat16, got {dtype}")
+def check_dtype(op: str, dtype: torch.dtype, supported: tuple = SUPPORTED_DTYPES) -> None:
+    """Raise unless `dtype` is one of `supported` (default: the set every kernel accepts)."""
+    if dtype not in supported:
+        names = ", ".join(str(d).replace("torch.", "") for d in supported)
+        raise TypeError(f"{op}: dtype must be one of {names}, got {dtype}")

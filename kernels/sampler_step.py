@@ -16,21 +16,39 @@ import triton.language as tl
 from . import INTERPRETED
 from ._common import SUPPORTED_DTYPES, check_device, check_dtype
 
-__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "NOISE_R", "BYTES_PER_ELEMENT"]
+__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R",
+           "BYTES_PER_ELEMENT"]
 
 # Noise layout. One Philox4x32-10 call on counter c yields four normals (two Box-Muller pairs);
 # they go to elements g*4R + k*R + r (k = 0..3) where c = g*R + r. So four elements share one
 # counter and the whole tile stays coalesced. The layout depends on R alone (never on the launch
-# configuration), so a (seed, step) pair gives the same noise on every device and tile size.
+# configuration: groups per program, warps), so a (seed, step) pair gives the same noise on every
+# device and tile size. R = 1024 is kept: the H100 measurements (README of
+# shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast as R = 512 in bf16 and
+# faster in fp32, and a new R would change every recorded noise stream.
 NOISE_R = 1024
 _GROUP = 4 * NOISE_R
 # Element offsets are int32; the last group may run up to _GROUP - 1 past numel.
 _MAX_NUMEL = 2**31 - _GROUP
 
-# Coefficient modes (how the kernel obtains each coefficient).
-_VALUE, _SCALAR_PTR, _SAMPLE_PTR = 0, 1, 2
+# Coefficient modes (how the kernel obtains each coefficient); the same names inside the kernels.
+COEF_VALUE: tl.constexpr = tl.constexpr(0)       # a python float argument
+COEF_SCALAR_PTR: tl.constexpr = tl.constexpr(1)  # a 0-d tensor, loaded in-kernel
+COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(2)  # entry b of a (B,) tensor
 # Noise modes.
-_NO_NOISE, _EXPLICIT, _PHILOX = 0, 1, 2
+NOISE_NONE: tl.constexpr = tl.constexpr(0)       # no c_z z term
+NOISE_EXPLICIT: tl.constexpr = tl.constexpr(1)   # z is a tensor argument
+NOISE_PHILOX: tl.constexpr = tl.constexpr(2)     # z drawn in-kernel from Philox keyed by (seed, step)
+# Which tensor is a network output whose finiteness the sampling loop's kernel checks.
+CHECK_NONE: tl.constexpr = tl.constexpr(0)
+CHECK_T1: tl.constexpr = tl.constexpr(1)         # s in predict/em, T in project
+CHECK_T3: tl.constexpr = tl.constexpr(3)         # s' in heun (its s was checked by the predict before it)
+#: the guard flag's value while no network output was non-finite (steps lower it by atomic min)
+FLAG_CLEAR = 2**62
+
+# Storage dtypes of the step kernels: the attention set plus float64 (stored in fp64, computed
+# in fp32 exactly as wgfcore.ops does, so that backend="triton" accepts what "torch" accepts).
+STEP_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 # Minimum bytes moved per element, in units of the storage element size: inputs read once,
 # output written once, in-kernel noise reads nothing. Used by the benchmarks for GB/s.
@@ -50,9 +68,9 @@ BYTES_PER_ELEMENT = {
 @triton.jit
 def _coef(c, stride, b, mask, MODE: tl.constexpr):
     """A coefficient in fp32: a float argument, a 0-d tensor, or entry b of a (B,) tensor."""
-    if MODE == 0:
+    if MODE == COEF_VALUE:
         v = c
-    elif MODE == 1:
+    elif MODE == COEF_SCALAR_PTR:
         v = tl.load(c).to(tl.float32)
     else:
         v = tl.load(c + b * stride, mask=mask, other=0.0).to(tl.float32)
@@ -64,24 +82,69 @@ def _part(offs, noise, out_ptr, t0, t1, t2, t3, z_ptr,
           c0, c1, c2, c3, cz, s0, s1, s2, s3, sz, numel, inner,
           NT: tl.constexpr, NOISE: tl.constexpr,
           M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
-          PER_SAMPLE: tl.constexpr):
+          PER_SAMPLE: tl.constexpr, CHECK: tl.constexpr):
+    """The update itself, for one quarter-tile: the only place a kernel writes the formula.
+
+    Returns how many elements of the network output (t1 if CHECK == CHECK_T1, t3 if
+    CHECK_T3) are NaN or inf; v - v is 0 exactly for finite v and NaN otherwise.
+    """
     mask = offs < numel
     if PER_SAMPLE:
         b = offs // inner  # sample index of each element (x is (B, ...) and contiguous)
     else:
         b = offs * 0
     # Same association as wgfcore.ops: ((c0 t0 + c1 t1) + c2 t2) + c3 t3, then + cz z.
+    v1 = tl.load(t1 + offs, mask=mask, other=0.0).to(tl.float32)
     acc = _coef(c0, s0, b, mask, M0) * tl.load(t0 + offs, mask=mask, other=0.0).to(tl.float32) \
-        + _coef(c1, s1, b, mask, M1) * tl.load(t1 + offs, mask=mask, other=0.0).to(tl.float32)
+        + _coef(c1, s1, b, mask, M1) * v1
     if NT >= 3:
         acc = acc + _coef(c2, s2, b, mask, M2) * tl.load(t2 + offs, mask=mask, other=0.0).to(tl.float32)
     if NT >= 4:
-        acc = acc + _coef(c3, s3, b, mask, M3) * tl.load(t3 + offs, mask=mask, other=0.0).to(tl.float32)
-    if NOISE == 1:
+        v3 = tl.load(t3 + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc + _coef(c3, s3, b, mask, M3) * v3
+    if NOISE == NOISE_EXPLICIT:
         acc = acc + _coef(cz, sz, b, mask, MZ) * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE == 2:
+    elif NOISE == NOISE_PHILOX:
         acc = acc + _coef(cz, sz, b, mask, MZ) * noise
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if CHECK == CHECK_T1:
+        nbad = tl.sum(((v1 - v1) != 0.0).to(tl.int32), axis=0)
+    elif CHECK == CHECK_T3:
+        nbad = tl.sum(((v3 - v3) != 0.0).to(tl.int32), axis=0)
+    else:
+        nbad = 0
+    return nbad
+
+
+@triton.jit
+def _tile(g, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz, numel, inner,
+          NT: tl.constexpr, NOISE: tl.constexpr,
+          M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
+          PER_SAMPLE: tl.constexpr, R: tl.constexpr, CHECK: tl.constexpr):
+    """Group g (4 R elements): its noise, then the update on each of its four quarter-tiles.
+
+    Returns the count of non-finite network-output elements (see `_part`)."""
+    r = tl.arange(0, R)
+    base = g * (4 * R)
+    if NOISE == NOISE_PHILOX:
+        # Philox key = (seed, step) as its (low, high) 32-bit words: every step of every seed
+        # is its own stream; the counter is the element's group-local index.
+        key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
+        n0, n1, n2, n3 = tl.randn4x(key, g * R + r)
+    else:
+        n0 = 0.0
+        n1 = 0.0
+        n2 = 0.0
+        n3 = 0.0
+    nbad = _part(base + r, n0, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                 numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    nbad += _part(base + R + r, n1, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                  numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    nbad += _part(base + 2 * R + r, n2, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                  numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    nbad += _part(base + 3 * R + r, n3, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
+                  numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, CHECK)
+    return nbad
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -91,48 +154,80 @@ def _affine_kernel(out_ptr, t0, t1, t2, t3, z_ptr,
                    NT: tl.constexpr, NOISE: tl.constexpr,
                    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, MZ: tl.constexpr,
                    PER_SAMPLE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr):
+    """The public launchers' kernel: any coefficient kind, explicit or in-kernel noise."""
     pid = tl.program_id(0)
-    r = tl.arange(0, R)
     for j in tl.static_range(GROUPS):
-        g = pid * GROUPS + j
-        base = g * (4 * R)
-        if NOISE == 2:
-            # Philox key = (seed, step) as its (low, high) 32-bit words: every step of every seed
-            # is its own stream; the counter is the element's group-local index.
-            key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
-            n0, n1, n2, n3 = tl.randn4x(key, g * R + r)
-        else:
-            n0 = 0.0
-            n1 = 0.0
-            n2 = 0.0
-            n3 = 0.0
-        _part(base + r, n0, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-        _part(base + R + r, n1, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-        _part(base + 2 * R + r, n2, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
-        _part(base + 3 * R + r, n3, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0, s1, s2, s3, sz,
-              numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE)
+        _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz,
+              s0, s1, s2, s3, sz, numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, R, CHECK_NONE)
+
+
+@triton.jit(do_not_specialize=["numel", "step"])
+def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, step,
+                  NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr,
+                  CHECK: tl.constexpr):
+    """The sampling loop's kernel (ten arguments, so that a launch costs little host time).
+
+    It also checks the network output it reads (CHECK): a program that finds a NaN or inf
+    lowers the int64 at flag_ptr to `step` (atomic min), so the sampler's non-finite guard
+    costs no launch of its own; the flag is read once, after the loop.
+
+    Coefficients of step `step` are row `step` of a (N, NT + 1) fp32 table, column k scaling
+    tensor k and column NT scaling the noise. The seed is read from the device (a 0-d int64
+    tensor), so a captured CUDA graph replays with whatever seed was written there: a new seed
+    needs no new capture. Same `_tile` as `_affine_kernel`: the same bits for the same inputs.
+    """
+    pid = tl.program_id(0)
+    row = coef_ptr + step * (NT + 1)
+    c0 = tl.load(row)
+    c1 = tl.load(row + 1)
+    if NT >= 3:
+        c2 = tl.load(row + 2)
+    else:
+        c2 = 0.0
+    if NT >= 4:
+        c3 = tl.load(row + 3)
+    else:
+        c3 = 0.0
+    if NOISE == NOISE_PHILOX:
+        cz = tl.load(row + NT)
+        seed = tl.load(seed_ptr)
+    else:
+        cz = 0.0
+        seed = 0
+    nbad = 0
+    for j in tl.static_range(GROUPS):
+        nbad += _tile(pid * GROUPS + j, seed, step, out_ptr, t0, t1, t2, t3, t0, c0, c1, c2, c3, cz,
+                      0, 0, 0, 0, 0, numel, 1, NT, NOISE, COEF_VALUE, COEF_VALUE, COEF_VALUE, COEF_VALUE,
+                      COEF_VALUE, False, R, CHECK)
+    if CHECK != CHECK_NONE:
+        if nbad > 0:
+            tl.atomic_min(flag_ptr, step.to(tl.int64))
 
 
 def _launch_config(numel: int) -> tuple[int, int]:
     """(groups per program, num_warps). One group = 4 R = 4096 elements.
 
-    On GPU: 4096 elements per program with 4 warps is 8 elements (16-32 bytes) per thread per
-    tensor per quarter-tile: full-width vector loads for every storage dtype. Large tensors take
-    2 groups per program (8192 elements) to halve the number of programs and amortise the
-    per-program coefficient and key set-up. Untuned; bench/test_bench_step.py measures it.
+    On GPU: one group of 4096 elements per program with 8 warps (8 elements per thread per
+    tile, across its four quarter-tiles). The H100 measurements found this tile layout at 99%
+    of copy bandwidth in fp32 and 73% in bf16 for a minimal kernel of the same form, against
+    92% / 60% with 4 warps: more warps hide the Philox + Box-Muller latency. That this
+    kernel reaches it too is for the 2^27-element rows of bench/test_bench_step.py to show.
     Interpreter: one group per program (it runs programs one after another anyway).
+    Neither number changes the noise (see NOISE_R).
     """
     if INTERPRETED:
         return 1, 4
-    return (2 if numel >= 64 * 8192 else 1), 4
+    return 1, 8
 
 
 # --------------------------------------------------------------------------------------
 # Launcher: validation, then one launch
 # --------------------------------------------------------------------------------------
+
+# Python-side values of the modes (the launchers compare and pass plain ints).
+_VALUE, _SCALAR_PTR, _SAMPLE_PTR = COEF_VALUE.value, COEF_SCALAR_PTR.value, COEF_SAMPLE_PTR.value
+_NO_NOISE, _EXPLICIT, _PHILOX = NOISE_NONE.value, NOISE_EXPLICIT.value, NOISE_PHILOX.value
+_CHECK_T1, _CHECK_T3 = CHECK_T1.value, CHECK_T3.value
 
 
 def _check_tensors(op: str, named: dict[str, torch.Tensor]):
@@ -150,7 +245,7 @@ def _check_tensors(op: str, named: dict[str, torch.Tensor]):
         if t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
                             "one storage dtype")
-    check_dtype(op, x.dtype)
+    check_dtype(op, x.dtype, STEP_DTYPES)
     if x.ndim < 1:
         raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
     for name, t in items[1:]:
@@ -179,11 +274,11 @@ def _coef_arg(op: str, name: str, c, x: torch.Tensor):
             raise ValueError(f"{op}: coefficient {name} is on {c.device} but the tensors are on {x.device}; "
                              "compute the coefficient tables on the device before the loop")
         if c.ndim == 0:
-            return c.detach(), 0, _SCALAR_PTR
+            return c, 0, _SCALAR_PTR
         if c.ndim == 1 and c.shape[0] == x.shape[0]:
             if c.dtype == torch.bfloat16 and INTERPRETED:
                 raise TypeError(f"{op}: the Triton interpreter has no bfloat16; coefficient {name} is bfloat16")
-            return c.detach(), c.stride(0), _SAMPLE_PTR
+            return c, c.stride(0), _SAMPLE_PTR
         raise ValueError(f"{op}: coefficient {name} must be a scalar or have shape (B,) = ({x.shape[0]},), "
                          f"got shape {tuple(c.shape)}")
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
@@ -192,9 +287,12 @@ def _coef_arg(op: str, name: str, c, x: torch.Tensor):
 
 
 def _check_key(op: str, seed, step):
+    """seed and step as python ints in [0, 2**32); numpy integers are accepted."""
+    if type(seed) is int and type(step) is int and 0 <= seed < 2**32 and 0 <= step < 2**32:
+        return seed, step  # the common case, without the abstract-base-class checks below
     for name, v in (("seed", seed), ("step", step)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be a python int for in-kernel noise, got {type(v).__name__}")
+            raise TypeError(f"{op}: {name} must be an integer for in-kernel noise, got {type(v).__name__}")
         if not 0 <= int(v) < 2**32:
             raise ValueError(f"{op}: {name} must lie in [0, 2**32), got {v}")
     return int(seed), int(step)
@@ -234,13 +332,16 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
     numel = x.numel()
     if numel == 0:
         return out
-    ts = [t.detach() for t in tensors.values()]
+    # Tensors go to the kernel as they are (it reads data pointers; no autograd is involved).
+    ts = list(tensors.values())
     nt = len(ts)
     ts += [ts[0]] * (4 - nt)  # unused pointer slots, never loaded (NT is constexpr)
-    z_arg = z.detach() if noise == _EXPLICIT else ts[0]
+    z_arg = z if noise == _EXPLICIT else ts[0]
     per_sample = any(mode == _SAMPLE_PTR for _, _, mode in args)
     groups, num_warps = _launch_config(numel)
-    grid = (triton.cdiv(numel, _GROUP * groups),)
+    # Plain integer ceil-division: triton.cdiv called from Python goes through the JIT's
+    # call machinery, which measured ~30 us per call on a loaded CPU here.
+    grid = (-(-numel // (_GROUP * groups)),)
     _affine_kernel[grid](
         out, ts[0], ts[1], ts[2], ts[3], z_arg,
         *(a for a, _, _ in args), *(s for _, s, _ in args),
@@ -290,30 +391,128 @@ def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
                    {"c_x": c_x, "c_s": c_s, "c_xp": c_xp, "c_sp": c_sp}, out=out)
 
 
-class TritonSteps:
-    """Step backend for `wgfcore.sample` with the fused kernels (same methods as `TorchSteps`).
+# --------------------------------------------------------------------------------------
+# The sampling loop's backend: validate once per run, then launch with pre-bound arguments
+# --------------------------------------------------------------------------------------
 
-    Noise of step i is drawn in-kernel from Philox keyed by (seed, i, offset): no noise tensor
-    is allocated or read, and a fixed seed makes a whole sampling run deterministic.
+# Each update's coefficient table as the sampler hands it over (columns), and how many state
+# tensors it combines. The kernel's table has NT + 1 columns: one per tensor, then the noise's.
+_TABLES = {
+    "predict": ("c_x, c_s", 2),
+    "em": ("c_x, c_s, c_z", 2),
+    "project": ("c_T, c_z", 2),
+    "heun": ("c_x, c_s, c_xp, c_sp", 4),
+}
+
+
+class TritonSteps:
+    """Step backend for `wgfcore.sample` with the fused kernels (the protocol of `wgfcore.ops.TorchSteps`).
+
+    `plan(x, tables)` runs once per sampling run: it validates the state and the coefficient
+    tables, packs each table into the kernel's (N, NT + 1) fp32 layout and binds the launch
+    (grid, constexprs, seed pointer, guard flag). Each step is then one launch of `_table_kernel`
+    with ten arguments and no further checks: the tensors it gets are the loop's own outputs and network
+    outputs that the sampler already checked (shape, device, floating dtype) and made
+    contiguous through `accept`. The public `predict/em/project/heun` keep their full checks.
+
+    Noise of step i is drawn in-kernel from Philox keyed by (seed, i, offset). `seed` is a
+    python int in [0, 2**32) or a 0-d int64 tensor on the device (its low 32 bits are the key);
+    the kernel reads it from the device, so a CUDA graph replays with whatever seed it holds.
     """
 
     name = "triton"
 
-    def __init__(self, seed: int, device=None):
-        self.seed, _ = _check_key("TritonSteps", seed, 0)
+    def __init__(self, seed, device=None):
+        if torch.is_tensor(seed):
+            if seed.ndim != 0 or seed.dtype != torch.int64:
+                raise TypeError(f"TritonSteps: a seed tensor must be 0-d int64, got {seed.dtype} of shape "
+                                f"{tuple(seed.shape)}")
+            self.seed = seed
+        else:
+            self.seed, _ = _check_key("TritonSteps", seed, 0)
         self.device = torch.device(device) if device is not None else None
+        self._tables = None
+        #: after plan(): a 0-d int64 device tensor, FLAG_CLEAR until a checked network output held
+        #: a NaN or inf, then the first such step (the sampler's guard reads it once, at the end)
+        self.finite_flag = None
 
-    def predict(self, x, s, c_x, c_s):
-        return predict(x, s, c_x, c_s)
+    def plan(self, x: torch.Tensor, tables: dict) -> "TritonSteps":
+        """Validate x and the tables once; keep everything a launch needs. Returns self."""
+        _check_tensors("TritonSteps", {"x": x})
+        if self.device is not None and x.device != self.device:
+            raise ValueError(f"TritonSteps: built for {self.device}, got a state on {x.device}")
+        packed = {}
+        for name, tab in tables.items():
+            if name not in _TABLES:
+                raise ValueError(f"TritonSteps: unknown coefficient table {name!r}; known: {sorted(_TABLES)}")
+            cols, nt = _TABLES[name]
+            ncol = cols.count(",") + 1
+            if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != ncol or not tab.is_floating_point():
+                raise ValueError(f"TritonSteps: table {name!r} must be a floating (N, {ncol}) tensor with columns "
+                                 f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
+            if tab.device != x.device:
+                raise ValueError(f"TritonSteps: table {name!r} is on {tab.device}, the state on {x.device}")
+            tab = tab.to(torch.float32)
+            n = tab.shape[0]
+            if name == "predict":
+                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
+            elif name == "project":  # x_pred enters with coefficient 1, exactly as in wgfcore.ops.project
+                tab = torch.cat([tab.new_ones(n, 1), tab], 1)
+            elif name == "heun":
+                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
+            packed[name] = (tab.contiguous(), n)
+        seed = self.seed
+        if torch.is_tensor(seed):
+            if seed.device != x.device:
+                raise ValueError(f"TritonSteps: the seed tensor is on {seed.device}, the state on {x.device}")
+        else:
+            seed = torch.tensor(seed, dtype=torch.int64, device=x.device)
+        self._seed_t = seed
+        self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64, device=x.device)
+        self._tables = packed
+        self._numel = x.numel()
+        groups, num_warps = _launch_config(self._numel)
+        self._run = _table_kernel[(max(1, -(-self._numel // (_GROUP * groups))),)]
+        self._kw = {(nt, noise, check): dict(NT=nt, NOISE=noise, R=NOISE_R, GROUPS=groups, num_warps=num_warps,
+                                             CHECK=check)
+                    for nt in (2, 4) for noise in (_NO_NOISE, _PHILOX) for check in (_CHECK_T1, _CHECK_T3)}
+        return self
 
-    def em(self, x, s, c_x, c_s, c_z, step: int):
-        return em(x, s, c_x, c_s, c_z, seed=None if c_z is None else self.seed, step=step)
+    def accept(self, t: torch.Tensor) -> torch.Tensor:
+        """A network output as the kernels take it: contiguous, and no bfloat16 in the interpreter.
 
-    def project(self, x_pred, T, c_T, c_z, step: int):
-        return project(x_pred, T, c_T, c_z, seed=None if c_z is None else self.seed, step=step)
+        Both conversions keep every value, so the torch and Triton backends see the same numbers.
+        Other floating dtypes (fp16/bf16/fp32/fp64) go to the kernel as they are: it loads each
+        tensor in its own dtype and computes in fp32, as `wgfcore.ops` does.
+        """
+        if INTERPRETED and t.dtype == torch.bfloat16:
+            t = t.float()
+        return t if t.is_contiguous() else t.contiguous()
 
-    def heun(self, x, s, x_p, s_p, c_x, c_s, c_xp, c_sp):
-        return heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp)
+    def _step(self, name, i, t0, t1, t2, t3, nt, noise, check):
+        tab, n = self._tables[name]
+        if not 0 <= i < n:
+            raise IndexError(f"TritonSteps: step {i} outside the planned table {name!r} of {n} rows")
+        out = torch.empty_like(t0)
+        if self._numel:
+            self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
+                      **self._kw[(nt, noise, check)])
+        return out
+
+    # The second tensor of predict/em/project and the fourth of heun are network outputs:
+    # the kernel checks them for NaN/inf into finite_flag.
+    def predict(self, x, s, table: str, i: int):
+        return self._step(table, i, x, s, x, x, 2, _NO_NOISE, _CHECK_T1)
+
+    def em(self, x, s, table: str, i: int, noisy: bool):
+        return self._step(table, i, x, s, x, x, 2, _PHILOX if noisy else _NO_NOISE, _CHECK_T1)
+
+    def project(self, x_pred, T, table: str, i: int, noisy: bool):
+        return self._step(table, i, x_pred, T, x_pred, x_pred, 2, _PHILOX if noisy else _NO_NOISE, _CHECK_T1)
+
+    def heun(self, x, s, x_p, s_p, table: str, i: int):
+        return self._step(table, i, x, s, x_p, s_p, 4, _NO_NOISE, _CHECK_T3)
 
     def __repr__(self):
-        return f"TritonSteps(seed={self.seed}, device={self.device})"
+        seed = "<device tensor>" if torch.is_tensor(self.seed) else self.seed
+        return f"TritonSteps(seed={seed}, device={self.device})"

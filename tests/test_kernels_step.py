@@ -23,6 +23,7 @@ from wgfcore.scores import gaussian
 
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 needs_gpu = pytest.mark.skipif(kernels.INTERPRETED, reason="the Triton interpreter has no bfloat16")
+cuda_only = pytest.mark.skipif(kernels.INTERPRETED, reason="needs CUDA: 2^24 draws are minutes in the interpreter")
 DTYPES_LOW = [torch.float16, pytest.param(torch.bfloat16, marks=needs_gpu)]
 
 
@@ -97,10 +98,12 @@ def draw_case(data, dtype):
 
 # --- explicit-noise mode equals wgfcore.ops -----------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @settings(max_examples=20)
 @given(data=st.data())
-def test_fp32_equals_ops(data):
-    name, T, C, z = draw_case(data, torch.float32)
+def test_fp32_equals_ops(dtype, data):
+    # float64 storage is computed in fp32 by both (wgfcore.ops' rule), so the same bound holds.
+    name, T, C, z = draw_case(data, dtype)
     out, ref, terms = run_case(name, T, C, z)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     # rtol 1e-6 of the terms' magnitude: a few fp32 ulps, whatever cancellation there is in the sum
@@ -194,15 +197,22 @@ def test_noise_same_key_identical_and_keys_independent():
         assert abs(corr(base, other)) <= bound, (seed, step)
 
 
-def test_noise_depends_only_on_key_and_offset(monkeypatch):
-    z = noise((3, 1000), seed=9, step=2)
-    # Storage dtype: fp16 output is the fp32 noise rounded once.
-    assert torch.equal(noise((3, 1000), seed=9, step=2, dtype=torch.float16), z.half())
-    # Shape: the same 3000 offsets give the same values whatever the (B, ...) split.
-    assert torch.equal(noise((3000,), seed=9, step=2), z.flatten())
-    # Launch configuration: the GPU takes 2 groups per program on large tensors.
-    monkeypatch.setattr(ks, "_launch_config", lambda numel: (2, 4))
-    assert torch.equal(noise((3, 1000), seed=9, step=2), z)
+@pytest.mark.parametrize("config", [(2, 4), (1, 8), (3, 8)])
+def test_noise_depends_only_on_key_and_offset(monkeypatch, config):
+    z = noise((3, 3000), seed=9, step=2)
+    # Storage dtype: fp16 output is the fp32 noise rounded once; fp64 holds the fp32 noise exactly.
+    assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=torch.float16), z.half())
+    assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=torch.float64), z.double())
+    # Shape: the same 9000 offsets give the same values whatever the (B, ...) split.
+    assert torch.equal(noise((9000,), seed=9, step=2), z.flatten())
+    # Launch configuration (groups per program, warps): never part of the noise.
+    monkeypatch.setattr(ks, "_launch_config", lambda numel: config)
+    assert torch.equal(noise((3, 3000), seed=9, step=2), z)
+    # The sampling loop's kernel (seed read from the device) draws the very same noise.
+    x = torch.zeros(3, 3000, device=DEVICE)
+    plan = ks.TritonSteps(torch.tensor(9, device=DEVICE)).plan(x, {"em": torch.tensor([[0.0, 0.0, 1.0]] * 3,
+                                                                                       device=DEVICE)})
+    assert torch.equal(plan.em(x, x, "em", 2, True), z)
 
 
 def test_noise_per_sample_coefficient():
@@ -215,11 +225,129 @@ def test_noise_per_sample_coefficient():
 
 def test_tritonsteps_mirrors_torchsteps():
     assert ks.TritonSteps.name == "triton"
-    for m in ("predict", "em", "project", "heun"):
-        assert inspect.signature(getattr(ks.TritonSteps, m)) == inspect.signature(getattr(TorchSteps, m)), m
+    for m in ("plan", "accept", "predict", "em", "project", "heun"):
+        params = [inspect.signature(getattr(cls, m)).parameters for cls in (ks.TritonSteps, TorchSteps)]
+        assert list(params[0].values()) == list(params[1].values()), m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert isinstance(make_steps("triton", DEVICE, seed=3), ks.TritonSteps)
+
+
+# --- the sampling loop's path: validate once (plan), then pre-bound launches ---------------------
+
+PLAN_OPS = {  # update -> (tensors, table columns, noisy)
+    "predict": (2, 2, False), "em": (2, 3, True), "em_quiet": (2, 3, False),
+    "project": (2, 2, True), "project_quiet": (2, 2, False), "heun": (4, 4, False),
+}
+
+
+@settings(max_examples=15)
+@given(op=st.sampled_from(sorted(PLAN_OPS)), shape=shapes, n=st.integers(1, 4), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]), data=st.data())
+def test_plan_path_equals_public_kernels_bitwise(op, shape, n, seed, dtype, data):
+    """TritonSteps (table kernel, seed on the device) and the public launchers share `_tile`: same bits."""
+    n_t, n_c, noisy = PLAN_OPS[op]
+    g = torch.Generator().manual_seed(seed % 2**31)
+    T = [torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) for _ in range(n_t)]
+    table = torch.randn(n, n_c, generator=g, dtype=torch.float64).to(DEVICE)
+    i = data.draw(st.integers(0, n - 1), label="step")
+    name = op.split("_")[0]
+    plan = ks.TritonSteps(seed).plan(T[0], {name: table})
+    c = [v for v in table[i].to(torch.float32).unbind()]
+    key = dict(seed=seed, step=i) if noisy else {}
+    if name == "predict":
+        got, want = plan.predict(*T, name, i), ks.predict(*T, *c)
+    elif name == "em":
+        got, want = plan.em(*T, name, i, noisy), ks.em(*T, c[0], c[1], c[2] if noisy else None, **key)
+    elif name == "project":
+        got, want = plan.project(*T, name, i, noisy), ks.project(*T, c[0], c[1] if noisy else None, **key)
+    else:
+        got, want = plan.heun(*T, name, i), ks.heun(*T, *c)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_plan_accepts_network_outputs_of_other_dtypes_and_layouts():
+    x = torch.randn(4, 6, device=DEVICE)
+    table = torch.tensor([[1.1, -0.3]], device=DEVICE)
+    plan = ks.TritonSteps(1).plan(x, {"predict": table})
+    s = torch.randn(6, 4, device=DEVICE).t()  # non-contiguous, as a transposing network might return
+    for out in (s, s.double(), s.half()):
+        got = plan.predict(x, plan.accept(out), "predict", 0)
+        assert got.dtype == x.dtype and torch.equal(got, ops.predict(x, out, *table[0].unbind()))
+
+
+def test_plan_validates_once_with_clear_errors():
+    x = torch.zeros(2, 8, device=DEVICE)
+    ok = torch.zeros(3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="unknown coefficient table 'euler'"):
+        ks.TritonSteps(1).plan(x, {"euler": ok})
+    with pytest.raises(ValueError, match=r"table 'em' must be a floating \(N, 3\) tensor with columns \(c_x, c_s, c_z\)"):
+        ks.TritonSteps(1).plan(x, {"em": torch.zeros(3, 2, device=DEVICE)})
+    with pytest.raises(ValueError, match="table 'em' is on meta"):
+        ks.TritonSteps(1).plan(x, {"em": torch.zeros(3, 3, device="meta")})
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ks.TritonSteps(1).plan(torch.zeros(8, 2, device=DEVICE).t(), {"em": ok})
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        ks.TritonSteps(1).plan(x.int(), {"em": ok})
+    with pytest.raises(TypeError, match="seed tensor must be 0-d int64"):
+        ks.TritonSteps(torch.zeros(1, dtype=torch.int64))
+    plan = ks.TritonSteps(1).plan(x, {"em": ok})
+    with pytest.raises(IndexError, match="step 3 outside the planned table 'em' of 3 rows"):
+        plan.em(x, x, "em", 3, True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_plan_kernels_flag_nonfinite_network_outputs(bad):
+    """The table kernel checks the network output it reads (s, T, s') into finite_flag: the first bad step."""
+    from wgfcore.sample import FLAG_CLEAR
+    assert ks.FLAG_CLEAR == FLAG_CLEAR
+    x = torch.randn(3, 5000, device=DEVICE)  # two groups: the bad element sits in the second program
+    s_bad = x.clone()
+    s_bad[2, 4000] = bad
+    tables = {"predict": torch.ones(9, 2, device=DEVICE), "em": torch.ones(9, 3, device=DEVICE),
+              "project": torch.ones(9, 2, device=DEVICE), "heun": torch.ones(9, 4, device=DEVICE)}
+    plan = ks.TritonSteps(1).plan(x, tables)
+    plan.em(x, x, "em", 2, True)
+    plan.heun(x, s_bad, x, x, "heun", 3)  # heun checks s' (its s went through predict first)
+    assert int(plan.finite_flag) == FLAG_CLEAR
+    plan.project(x, s_bad, "project", 5, False)
+    plan.predict(x, s_bad, "predict", 7)  # a later bad step does not overwrite the first
+    assert int(plan.finite_flag) == 5
+    plan.finite_flag.fill_(FLAG_CLEAR)
+    plan.heun(x, x, x, s_bad, "heun", 4)
+    plan.em(s_bad, x, "em", 1, True)  # the state is not a network output: not checked
+    assert int(plan.finite_flag) == 4
+    plan.finite_flag.fill_(FLAG_CLEAR)
+    plan.em(x, s_bad, "em", 6, False)
+    assert int(plan.finite_flag) == 6
+
+
+def test_numpy_integers_as_seed_and_step():
+    x, s = _xs()
+    a = ks.em(x, s, 1.0, 1.0, 0.5, seed=np.int64(7), step=np.uint32(2))
+    assert torch.equal(a, ks.em(x, s, 1.0, 1.0, 0.5, seed=7, step=2))
+    assert ks.TritonSteps(np.int32(7)).seed == 7
+
+
+@cuda_only
+def test_noise_2_24_draws_on_gpu():
+    """The GPU-sized check of the measurements file: 2^24 draws, bounds of 6 sd (see above)."""
+    n = 1 << 24
+    z = noise((n,), seed=2026, step=11).double()
+    bound = 6 / math.sqrt(n)  # 1.5e-3
+    assert abs(float(z.mean())) <= bound
+    assert abs(float(z.var()) - 1.0) <= 6 * math.sqrt(2.0 / n)
+    kurt = float(((z - z.mean()) ** 4).mean() / z.var() ** 2)
+    assert abs(kurt - 3.0) <= 6 * math.sqrt(24.0 / n)
+    sub = z[: 1 << 20].cpu().numpy()  # KS on 2^20 draws: scipy's exact KS on 2^24 is slow
+    assert stats.kstest(sub, "norm").pvalue > 1e-6
+    R = ks.NOISE_R
+    for lag in (1, R, 2 * R, 3 * R, 4 * R):
+        assert abs(corr(z[:-lag], z[lag:])) <= bound, f"lag {lag}"
+        assert abs(corr(z[:-lag] ** 2, z[lag:] ** 2)) <= bound, f"lag {lag}, squares"
+    for seed, step in [(2026, 12), (2027, 11), (11, 2026)]:
+        assert abs(corr(z, noise((n,), seed=seed, step=step).double())) <= bound, (seed, step)
 
 
 TARGET = gaussian([1.0, -0.5], [[0.6, 0.2], [0.2, 1.5]])
@@ -297,8 +425,8 @@ def test_dtype_mismatch():
 
 
 def test_unsupported_dtype():
-    x, s = _xs(dtype=torch.float64)
-    with pytest.raises(TypeError, match="float32, float16, bfloat16"):
+    x, s = _xs(dtype=torch.int32)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16, float64, got torch.int32"):
         ks.em(x, s, 1.0, 1.0)
 
 
@@ -348,7 +476,7 @@ def test_noise_arguments():
         ks.em(x, s, 1.0, 1.0, 0.5, z=s, seed=1, step=0)
     with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*32\)"):
         ks.em(x, s, 1.0, 1.0, 0.5, seed=-1, step=0)
-    with pytest.raises(TypeError, match="step must be a python int"):
+    with pytest.raises(TypeError, match="step must be an integer"):
         ks.em(x, s, 1.0, 1.0, 0.5, seed=1, step=torch.tensor(0))
     with pytest.raises(ValueError, match="seed must lie"):
         ks.TritonSteps(seed=2**32, device=DEVICE)
@@ -359,3 +487,56 @@ def test_interpreter_rejects_bfloat16():
     x, s = _xs(dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="no bfloat16"):
         ks.predict(x, s, 1.0, 1.0)
+
+
+# --- compiled (not interpreted) kernels, without a GPU -------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import sampler_step as ks
+
+target = GPUTarget("cuda", 90, 32)  # an H100; ptxas ships with triton, no device is needed
+
+def compile_(fn, sig, const):
+    names = list(sig) + list(const)
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    triton.compile(src, target=target, options={"num_warps": 8})
+
+# The sampling loop's kernel: (state dtype, network-output dtype, NT, CHECK, NOISE) as TritonSteps uses them.
+for dt, sdt, nt, check, noise in [("fp32", "bf16", 2, 1, 2), ("bf16", "bf16", 4, 3, 0), ("fp64", "fp32", 2, 1, 0)]:
+    compile_(ks._table_kernel,
+             {"out_ptr": f"*{dt}", "t0": f"*{dt}", "t1": f"*{sdt}", "t2": f"*{dt}", "t3": f"*{sdt}",
+              "coef_ptr": "*fp32", "seed_ptr": "*i64", "flag_ptr": "*i64", "numel": "i32", "step": "i32"},
+             {"NT": nt, "NOISE": noise, "R": ks.NOISE_R, "GROUPS": 1, "CHECK": check})
+# The public kernel: 0-d tensor coefficients with Philox noise; per-sample coefficients with explicit z.
+for noise, mode, per_sample in [(2, 1, False), (1, 2, True)]:
+    c = "*fp32" if mode else "fp32"
+    compile_(ks._affine_kernel,
+             {"out_ptr": "*bf16", "t0": "*bf16", "t1": "*bf16", "t2": "*bf16", "t3": "*bf16", "z_ptr": "*bf16",
+              "c0": c, "c1": c, "c2": "fp32", "c3": "fp32", "cz": c, "s0": "i32", "s1": "i32", "s2": "i32",
+              "s3": "i32", "sz": "i32", "numel": "i32", "inner": "i32", "seed": "i32", "step": "i32"},
+             {"NT": 2, "NOISE": noise, "M0": mode, "M1": mode, "M2": 0, "M3": 0, "MZ": mode,
+              "PER_SAMPLE": per_sample, "R": ks.NOISE_R, "GROUPS": 1})
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="on a GPU every test above compiles the kernels for real")
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs Python, so it misses errors only the compiler sees (types across constexpr
+    branches, atomics, returns from helpers). Compile the kernels for sm_90 through ptxas here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("compiled"), r.stderr[-3000:]

@@ -1,10 +1,15 @@
 """The public sampling API (ALGORITHMS §2, §4): samplers, NFE accounting, determinism, errors."""
 import math
+import re
+import warnings
+
+import numpy as np
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import kernels
 import wgfcore.sample as S
 from wgfcore import ops
 from wgfcore.sample import eps_to_score, sample
@@ -12,6 +17,8 @@ from wgfcore.scores import gaussian
 from wgfcore.sde import VPSDE
 
 SDE = VPSDE()
+# Where backend="triton" runs: the interpreter on CPU, compiled kernels on a GPU.
+DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 
 
 def iso_score(d, var=0.25, mean=0.5):
@@ -168,16 +175,301 @@ def test_wrong_score_shape():
         sample(iso_score(2), (4, 2), 5, proj_fn=lambda x, t: x[:, :1], seed=0)
 
 
-def test_nan_from_score_fn_is_reported_with_its_step():
-    def score(x, t):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
+def test_nan_from_a_network_is_reported_with_its_step(backend, sampler):
+    def score(x, t):  # NaN from t_6 = 1 - 6 * 0.999 / 10 = 0.4006 on (langevin: t is fixed at t_N)
         return torch.where(t[:, None] < 0.45, torch.full_like(x, float("nan")), -x)
 
-    with pytest.raises(FloatingPointError, match=r"NaN or inf at step 6 \(t = 0.4006"):
-        sample(score, (4, 2), 10, sampler="euler_maruyama", seed=0)  # t_6 = 1 - 6 * 0.999 / 10
-    with pytest.raises(FloatingPointError, match="NaN or inf"):
-        sample(iso_score(2), (4, 2), 5, proj_fn=lambda x, t: x / 0.0 * 0.0, seed=0)
+    # Heun's corrector at step 5 already evaluates the score at t_6.
+    step, t = {"langevin": (0, 1.0), "heun_ode": (5, 0.5005)}.get(sampler, (6, 0.4006))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FloatingPointError, match=rf"NaN or inf at step {step} \(t = {t:.4g}"):
+            sample(score, (4, 2), 10, sampler=sampler, proj_fn=zero_proj, seed=0, backend=backend, device=DEVICE)
+        if sampler == "predict_project":
+            with pytest.raises(FloatingPointError, match="NaN or inf at step 0"):
+                sample(lambda x, t: -x, (4, 2), 5, proj_fn=lambda x, t: x / 0.0 * 0.0, seed=0, backend=backend,
+                       device=DEVICE)
 
 
 def test_seed_and_generator_together_is_an_error():
     with pytest.raises(ValueError, match="seed or generator"):
         sample(iso_score(2), (4, 2), 5, proj_fn=zero_proj, seed=0, generator=torch.Generator())
+
+
+# --- one signature for every sampler --------------------------------------------------------------
+
+def test_every_sampler_has_one_signature():
+    import inspect
+    sigs = {name: inspect.signature(fn) for name, fn in S.SAMPLERS.items()}
+    names = {name: [p.name for p in sig.parameters.values()] for name, sig in sigs.items()}
+    assert len({tuple(v) for v in names.values()}) == 1, names
+    params = next(iter(sigs.values())).parameters.values()
+    assert not any(p.kind is p.VAR_KEYWORD for p in params)
+    assert "step_backend" in names["heun_ode"] and "steps" not in names["heun_ode"]
+
+
+@pytest.mark.parametrize("sampler, kwargs, match", [
+    ("heun_ode", dict(proj_fn=zero_proj), "heun_ode takes no proj_fn"),
+    ("euler_maruyama", dict(delta_p=1.0), "euler_maruyama takes no delta_p"),
+    ("langevin", dict(a=0.5), "langevin takes no a"),
+    ("reverse_sde", dict(t_target=0.5), "reverse_sde takes no t_target"),
+    ("predict_project", dict(proj_fn=zero_proj), "needs delta_p"),
+    ("predict_project", dict(delta_p=1.0), "needs proj_fn"),
+    ("reverse_sde", dict(a=float("nan")), "a must be a finite number"),
+    ("predict_project", dict(proj_fn=zero_proj, delta_p=float("inf")), "delta_p must be a finite number"),
+])
+def test_unused_or_bad_sampler_options_are_errors(sampler, kwargs, match):
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=match):
+        S.SAMPLERS[sampler](iso_score(2), x, ops.time_grid(4), **kwargs)
+
+
+def test_samplers_take_a_step_backend():
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    ts = ops.time_grid(6)
+    a = S.heun_ode(iso_score(2), x, ts, step_backend=S.TorchSteps())
+    assert torch.equal(a, S.heun_ode(iso_score(2), x, ts))  # the default backend is TorchSteps
+
+
+# --- backend parity at sample() entry (ALGORITHMS §2; issue 11 item 4) ----------------------------
+
+def _both(fn):
+    """fn(backend) on both backends: (result, None) or (None, (type, message))."""
+    out = {}
+    for backend in ("torch", "triton"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the interpreter warning
+            try:
+                out[backend] = (fn(backend), None)
+            except Exception as e:  # noqa: BLE001 - the test compares what each backend raises
+                out[backend] = (None, (type(e), str(e)))
+    return out
+
+
+def _nonfinite_free(res):
+    return all(r is not None and torch.isfinite(r).all() for r, _ in res.values())
+
+
+PARITY_CASES = {
+    "float64 score": dict(score=lambda x, t: (-x).double()),
+    "non-contiguous score": dict(score=lambda x, t: (-x).t().contiguous().t()),
+    "float16 score": dict(score=lambda x, t: (-x).half()),
+    "seed=-1": dict(seed=-1),
+    "dtype=float64": dict(dtype=torch.float64),
+    "numpy steps and seed": dict(steps=np.int64(3), seed=np.uint32(5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+@pytest.mark.parametrize("sampler", ["predict_project", "heun_ode"])
+def test_what_torch_accepts_triton_accepts(case, sampler):
+    c = PARITY_CASES[case]
+    score = c.get("score", lambda x, t: -x)
+
+    def run(backend):
+        return sample(score, (3, 5), c.get("steps", 3), sampler=sampler, proj_fn=zero_proj, seed=c.get("seed", 0),
+                      dtype=c.get("dtype", torch.float32), backend=backend, device=DEVICE)
+
+    res = _both(run)
+    assert res["torch"][1] is None and res["triton"][1] is None, res
+    assert _nonfinite_free(res)
+    tor, tri = res["torch"][0], res["triton"][0]
+    assert tor.dtype == tri.dtype == c.get("dtype", torch.float32)
+    if sampler == "heun_ode":  # no noise: the same prior draw and the same fp32 arithmetic
+        if kernels.INTERPRETED:
+            assert torch.equal(tor, tri)  # bit for bit in the interpreter
+        else:  # a GPU may contract a * b + c into one FMA: a few fp32 ulps per step
+            torch.testing.assert_close(tor, tri, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(delta_p=float("inf")), ValueError, "delta_p must be a finite number"),
+    (dict(delta_p=float("nan")), ValueError, "delta_p must be a finite number"),
+    (dict(a=float("nan"), sampler="reverse_sde"), ValueError, "a must be a finite number"),
+    (dict(a=float("inf")), ValueError, "a must be a finite number"),
+    (dict(seed=2**64), ValueError, "seed must lie in"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(score_fn=lambda x, t: (-x).int()), TypeError, "score_fn returned dtype torch.int32"),
+    (dict(score_fn=lambda x, t: -x.to("meta")), ValueError, "score_fn returned a tensor on meta"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be float32"),
+])
+def test_input_errors_are_the_same_on_both_backends(kwargs, exc, match):
+    args = dict(score_fn=lambda x, t: -x, shape=(3, 4), steps=3, proj_fn=zero_proj, seed=0, device=DEVICE)
+    args.update(kwargs)
+    res = _both(lambda backend: sample(**args, backend=backend))
+    for backend, (_, err) in res.items():
+        assert err is not None and err[0] is exc and re.search(match, err[1]), (backend, err)
+    assert res["torch"][1] == res["triton"][1]
+
+
+# --- CUDA graphs: errors and the cache (CPU), capture and replay (CUDA) ---------------------------
+
+def test_cuda_graph_errors():
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, got device=cpu"):
+        sample(iso_score(2), (4, 2), 3, proj_fn=zero_proj, seed=0, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="callback= and progress=True cannot run inside it"):
+        sample(iso_score(2), (4, 2), 3, proj_fn=zero_proj, seed=0, callback=print, cuda_graph=True)
+    with pytest.raises(ValueError, match="callback= and progress=True cannot run inside it"):
+        sample(iso_score(2), (4, 2), 3, proj_fn=zero_proj, seed=0, progress=True, cuda_graph=True)
+
+
+def _key(**over):
+    kw = dict(sampler="predict_project", shape=(4, 2), dtype=torch.float32, device=torch.device("cpu"),
+              backend="triton", steps=5, eps=1e-3, sde=SDE, denoise_last=True,
+              sampler_kw={"delta_p": 1.0}, score_fn=iso_score, proj_fn=zero_proj)
+    kw.update(over)
+    return S._graph_key(**kw)
+
+
+def test_graph_key_names_everything_that_changes_the_captured_work():
+    base = _key()
+    assert base == _key()
+    changes = dict(sampler="euler_maruyama", shape=(8, 2), dtype=torch.float16, device=torch.device("meta"),
+                   backend="torch", steps=6, eps=1e-2, sde=VPSDE(b_max=10.0), denoise_last=False,
+                   sampler_kw={"delta_p": 0.5}, score_fn=zero_proj, proj_fn=iso_score)
+    for name, value in changes.items():
+        assert _key(**{name: value}) != base, name
+    assert _key(sampler_kw={"a": 0.5}) != _key(sampler_kw={"a": 1.0})
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """Stand-in for CUDA-graph capture on CPU: "replay" reruns the planned loop on the static buffers.
+
+    Everything else of the graph path runs as on a GPU (cache, static input, noise key written
+    to the device before each replay, guard flag, output copy), so this checks that logic.
+    """
+    captures = []
+
+    def capture(self, score_fn, proj_fn):
+        loop, entry = S._LOOPS[self.sampler], self
+        entry.x_out = torch.empty_like(entry.x_in)
+        counted = [S._Counted(score_fn), S._Counted(proj_fn) if proj_fn is not None else None]
+
+        class Replay:
+            def replay(self):
+                entry.plan.guard.reset()
+                entry.x_out.copy_(loop(entry.plan, counted[0], counted[1], entry.x_in, None, False))
+
+        entry.graph = Replay()
+        entry.graph.replay()
+        entry.calls = counted[0].calls + (counted[1].calls if counted[1] is not None else 0)
+        captures.append(entry)
+
+    monkeypatch.setattr(S._Captured, "capture", capture)
+    S.release_graphs()
+    yield captures
+    S.release_graphs()
+
+
+def _graph_sample(score, sampler="predict_project", seed=0, backend="triton", shape=(3, 5), steps=4, **kw):
+    kw.setdefault("proj_fn", zero_proj if sampler == "predict_project" else None)
+    sampler_kw = {"proj_fn": kw["proj_fn"], "delta_p": 1.0} if sampler == "predict_project" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return S._sample_graph(score, kw["proj_fn"], shape, steps, sampler, sampler_kw, SDE, seed, None,
+                               torch.device(DEVICE), torch.float32, 1e-3, True, backend, True, ops.time_grid(steps))
+
+
+@pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
+def test_graph_path_reuses_one_capture_across_seeds_and_equals_eager(eager_graphs, sampler):
+    def score(x, t):
+        return 0.5 - x
+    for seed in (3, 4, 3):
+        x, n = _graph_sample(score, sampler, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = sample(score, (3, 5), 4, sampler=sampler, proj_fn=zero_proj, delta_p=1.0, seed=seed,
+                         backend="triton", device=DEVICE)
+        assert torch.equal(x, ref), seed  # the new seed reached the planned kernels through the device key
+        assert n == S.nfe(sampler, 4)
+    assert len(eager_graphs) == 1 and len(S.cached_graphs()) == 1
+
+
+def test_graph_cache_is_bounded_and_released(eager_graphs, monkeypatch):
+    monkeypatch.setattr(S, "GRAPH_CACHE_SIZE", 2)
+    f1, f2, f3 = (lambda x, t: -x), (lambda x, t: -0.5 * x), (lambda x, t: -2.0 * x)
+    for f in (f1, f2, f1, f3):  # f1 was used last but one: f2 is the least recently used
+        _graph_sample(f, "euler_maruyama")
+    keys = S.cached_graphs()
+    assert len(keys) == 2 and [k[-2] for k in keys] == [id(f1), id(f3)]
+    assert len(eager_graphs) == 3
+    assert S.release_graphs() == 2 and S.cached_graphs() == []
+
+
+def test_graph_path_reports_nonfinite_output_with_its_step(eager_graphs):
+    def score(x, t):
+        return torch.where(t[:, None] < 0.45, torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(FloatingPointError, match=r"NaN or inf at step 6"):
+        _graph_sample(score, "euler_maruyama", steps=10)
+    # the flag is reset inside each replay: a later good run through another capture is clean
+    x, _ = _graph_sample(lambda x, t: -x, "euler_maruyama", steps=10)
+    assert torch.isfinite(x).all()
+
+
+def test_graph_path_torch_backend_is_deterministic_per_seed(eager_graphs):
+    def score(x, t):  # one function object: one capture
+        return 0.5 - x
+
+    a, _ = _graph_sample(score, "euler_maruyama", seed=1, backend="torch")
+    b, _ = _graph_sample(score, "euler_maruyama", seed=1, backend="torch")
+    c, _ = _graph_sample(score, "euler_maruyama", seed=2, backend="torch")
+    assert torch.equal(a, b) and not torch.equal(a, c) and len(eager_graphs) == 1
+
+
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture and replay")
+
+
+def _conv_net(seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    return net.to(device="cuda", dtype=dtype).eval()
+
+
+@on_cuda
+@pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_is_bitwise_eager_on_triton(sampler, dtype):
+    S.release_graphs()
+    s_net, t_net = _conv_net(0, dtype), _conv_net(1, dtype)
+
+    def score(x, t):
+        return -x + 0.1 * s_net(x)
+
+    def proj(x, t):
+        return 0.1 * t_net(x)
+
+    kw = dict(sampler=sampler, proj_fn=proj if sampler == "predict_project" else None, device="cuda", dtype=dtype,
+              backend="triton")
+    # Bitwise equality needs the networks to be deterministic too: no cuDNN autotuning.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for seed in (0, 1, 0):
+            g = sample(score, (4, 3, 16, 16), 6, seed=seed, cuda_graph=True, **kw)
+            e = sample(score, (4, 3, 16, 16), 6, seed=seed, **kw)
+            assert g.dtype == dtype and torch.isfinite(g.float()).all()
+            assert torch.equal(g, e), (sampler, seed)
+    assert len(S.cached_graphs()) == 1
+    S.release_graphs()
+
+
+@on_cuda
+def test_cuda_graph_torch_backend_and_guard():
+    S.release_graphs()
+
+    def score(x, t):
+        return 0.5 - x
+
+    kw = dict(sampler="euler_maruyama", device="cuda", backend="torch", cuda_graph=True)
+    a = sample(score, (64, 4), 10, seed=5, **kw)
+    assert torch.equal(a, sample(score, (64, 4), 10, seed=5, **kw))
+    assert not torch.equal(a, sample(score, (64, 4), 10, seed=6, **kw))
+
+    def bad(x, t):
+        return torch.where(t[:, None] < 0.45, torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(FloatingPointError, match=r"NaN or inf at step 6"):
+        sample(bad, (4, 2), 10, sampler="euler_maruyama", seed=0, device="cuda", backend="triton", cuda_graph=True)
+    assert S.release_graphs() == 2

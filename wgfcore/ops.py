@@ -4,6 +4,7 @@ ALGORITHMS §2: each sampler step is an affine combination of a few same-shaped 
 (state, score, projection, noise) with coefficients that are scalars or per-sample (B,)
 vectors. Storage may be fp32/fp16/bf16; arithmetic is fp32, exactly as in `kernels/`.
 The coefficient tables for all steps are computed up front in float64 (`*_coefficients`).
+`TorchSteps` is the sampling loop's backend built on these updates (the Triton one mirrors it).
 """
 from __future__ import annotations
 
@@ -73,6 +74,54 @@ def heun_correct(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+# --- the step backend in plain torch ------------------------------------------------------------
+
+class TorchSteps:
+    """The sampling loop's step backend in plain torch: the updates above, noise from torch.randn.
+
+    Protocol shared with `kernels.sampler_step.TritonSteps` (ALGORITHMS §2):
+    `plan(x, tables)` once per run, where `tables` maps an update name to its (N, K) coefficient
+    table on x's device (predict: c_x, c_s; em: c_x, c_s, c_z; project: c_T, c_z; heun: c_x, c_s,
+    c_xp, c_sp); `accept(t)` for each network output; then per step i
+    `predict(x, s, table, i)`, `em(x, s, table, i, noisy)`, `project(x_pred, T, table, i, noisy)`,
+    `heun(x, s, x_p, s_p, table, i)`, `table` naming the planned table to read row i of.
+    """
+
+    name = "torch"
+    finite_flag = None  # no in-kernel finiteness check: the sampler's guard checks with torch
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+        self._rows = None
+
+    def plan(self, x: torch.Tensor, tables: dict) -> "TorchSteps":
+        # Row i of each table as 0-d fp32 tensors, sliced once here rather than once per step.
+        self._rows = {name: [tuple(r.unbind()) for r in tab.to(device=x.device, dtype=torch.float32)]
+                      for name, tab in tables.items()}
+        return self
+
+    def accept(self, t: torch.Tensor) -> torch.Tensor:
+        return t  # the updates above take any floating dtype and layout
+
+    def _z(self, x):
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def predict(self, x, s, table: str, i: int):
+        c_x, c_s = self._rows[table][i]
+        return predict(x, s, c_x, c_s)
+
+    def em(self, x, s, table: str, i: int, noisy: bool):
+        c_x, c_s, c_z = self._rows[table][i]
+        return em_step(x, s, self._z(x) if noisy else None, c_x, c_s, c_z)
+
+    def project(self, x_pred, T, table: str, i: int, noisy: bool):
+        c_T, c_z = self._rows[table][i]
+        return project(x_pred, T, self._z(x_pred) if noisy else None, c_T, c_z)
+
+    def heun(self, x, s, x_p, s_p, table: str, i: int):
+        return heun_correct(x, s, x_p, s_p, *self._rows[table][i])
+
+
 # --- coefficient tables (float64, one row per step) -------------------------------------------
 
 def time_grid(steps: int, eps: float = 1e-3) -> torch.Tensor:
@@ -90,8 +139,8 @@ def reverse_coefficients(sde: VPSDE, ts: torch.Tensor, a: float = 1.0) -> dict[s
 
     x <- x + beta dtau (x + (1 + a) s) + sqrt(2 a beta dtau) z, beta at t_i, dtau = t_i - t_{i+1}.
     """
-    if a < 0:
-        raise ValueError(f"the reverse family needs a >= 0, got a={a}")
+    if not (math.isfinite(a) and a >= 0):
+        raise ValueError(f"the reverse family needs a finite a >= 0, got a={a}")
     dtau = ts[:-1] - ts[1:]
     beta = sde.beta(ts[:-1])
     return {
@@ -103,8 +152,8 @@ def reverse_coefficients(sde: VPSDE, ts: torch.Tensor, a: float = 1.0) -> dict[s
 
 def project_coefficients(sde: VPSDE, ts: torch.Tensor, delta_p: float) -> torch.Tensor:
     """c_T = sqrt(beta(t_i)) * delta_p * dtau (Ghimire et al. Alg. 1, ALGORITHMS §2)."""
-    if delta_p < 0:
-        raise ValueError(f"delta_p must be >= 0, got {delta_p}")
+    if not (math.isfinite(delta_p) and delta_p >= 0):
+        raise ValueError(f"delta_p must be a finite number >= 0, got {delta_p}")
     dtau = ts[:-1] - ts[1:]
     return torch.sqrt(sde.beta(ts[:-1])) * delta_p * dtau
 
@@ -149,7 +198,7 @@ def default_delta_p(steps: int) -> float:
 
 
 __all__ = [
-    "coef_view", "predict", "em_step", "project", "heun_correct", "time_grid",
+    "TorchSteps", "coef_view", "predict", "em_step", "project", "heun_correct", "time_grid",
     "reverse_coefficients", "project_coefficients", "heun_coefficients",
     "PAPER_DELTA_P", "default_delta_p",
 ]
