@@ -155,7 +155,8 @@ def test_reverse_sde_family_on_a_mixture(a):
     # a > 0: from mu_1 (its quantiles) down to eps, the particles must have the law mu_eps. Checks:
     # KS at level 1e-6, and the probability-integral transform U = F_eps(X), which must be uniform:
     # z-tests of its mean and variance (|z| < 5). At n = 6000 this resolves ~12 % errors of the noise
-    # and ~15 % of the drift (shown by the mutations; the variance z of the mutated runs is 7-19); the 3 % resolution lives in the dissipation identity above.
+    # and ~15 % of the drift (shown by the mutations; the variance z of the mutated runs is 7-19);
+    # the 3 % resolution lives in the dissipation identity above.
     n, eps, steps = 6000, 1e-3, 100
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     x1 = MIX1.icdf(u, 1.0, SDE)
