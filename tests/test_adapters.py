@@ -50,7 +50,8 @@ def test_fractional_timestep_is_diffusers_sigma_to_t():
     ab = ddpm.alphas_cumprod
     euler = diffusers.EulerDiscreteScheduler()
     log_sigmas = np.log(((1 - ab.double().numpy()) / ab.double().numpy()) ** 0.5)
-    t = torch.cat([torch.tensor([1e-3, 2e-3, 1e-2]), torch.rand(64, generator=torch.Generator().manual_seed(0))]).double()
+    t = torch.cat([torch.tensor([1e-3, 2e-3, 1e-2]),
+                   torch.rand(64, generator=torch.Generator().manual_seed(0))]).double()
     tau = timestep_from_alpha2(ab, SDE.alpha(t) ** 2)
     ref = euler._sigma_to_t(SDE.ve_sigma(t).numpy(), log_sigmas)
     np.testing.assert_allclose(tau.numpy(), ref, rtol=0, atol=1e-9)
@@ -77,7 +78,8 @@ def test_score_uses_the_models_own_noise_level():
     x = torch.randn(len(i), 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     s = score(x, t)
     assert torch.allclose(unet.seen.double(), i.double(), atol=1e-6)
-    exact = gaussian(torch.zeros(48), v * torch.eye(48, dtype=torch.float64)).score(x.reshape(len(i), -1), t, SDE).reshape(x.shape)
+    data = gaussian(torch.zeros(48), v * torch.eye(48, dtype=torch.float64))
+    exact = data.score(x.reshape(len(i), -1), t, SDE).reshape(x.shape)
     assert torch.allclose(s, exact, rtol=1e-9, atol=1e-12)
     # the previous mapping (i = 1000 t - 1, divide by the continuous sigma_t) is 4.6 % off at t = 1e-3
     t0 = torch.tensor([1e-3], dtype=torch.float64)

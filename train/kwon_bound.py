@@ -402,7 +402,8 @@ def plot(out_dirs, cfgs, results):
     fig, axes = plt.subplots(1, len(cfgs), figsize=(5.4 * len(cfgs), 4.2), dpi=110, squeeze=False)
     for ax, cfg in zip(axes[0], cfgs):
         fl, rows, summ = results[cfg.name]
-        for key, mk, col in (("W2_modes", "o", "tab:blue"), ("W2_all", "x", "tab:gray"), ("W2_mass", "^", "tab:orange")):
+        for key, mk, col in (("W2_modes", "o", "tab:blue"), ("W2_all", "x", "tab:gray"),
+                             ("W2_mass", "^", "tab:orange")):
             sel = [r for r in rows if np.isfinite(r[key]) and r[key] > 0]
             ax.scatter([r["J_g2"] for r in sel], [r[key] for r in sel], marker=mk, s=18, c=col,
                        label=f"{key} (checkpoints)")
