@@ -157,6 +157,10 @@ def test_kwon_experiment_small(tmp_path):
     # the stratified W2 removes the mode-mass noise that dominates the plain W2 of true samples
     fl = res["ours"][0]
     assert fl["iid_W2_modes"][0] < 0.2 * fl["iid_W2_all"][0]
+    # --render rebuilds the table from the run's CSV and floors without training
+    again = kwon_bound.main(["--small", "--render", str(tmp_path / "out"), "--doc", str(tmp_path / "re.md")])
+    assert again["kwon"][2]["fit"] == res["kwon"][2]["fit"]
+    assert (tmp_path / "re.md").read_text().count("| 0 |") == len(rows)
     with pytest.raises(SystemExit) as e:
         kwon_bound.main(["--configs", "kwon,nope"])
     assert e.value.code == 2
