@@ -452,6 +452,11 @@ def plot(out_dirs, cfgs, results):
             slope, icpt, se = summ["fit"]
             jj = np.geomspace(*summ["J_range"], 50)
             ax.plot(jj, np.exp(icpt) * jj ** slope, "k-", lw=1, label=f"fit above floor: J^{slope:.2f}±{se:.2f}")
+        if summ["fit_tame"] and summ["n_tame"] < summ["n_fit"]:
+            slope, icpt, se = summ["fit_tame"]
+            jj = np.geomspace(*summ["J_tame"], 50)
+            ax.plot(jj, np.exp(icpt) * jj ** slope, "m--", lw=1.2,
+                    label=f"fit where W2_modes < 1: J^{slope:.2f}±{se:.2f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("J_g2 = ½∫ g² E‖∇log p_t − s_θ‖² dt")
