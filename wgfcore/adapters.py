@@ -167,10 +167,11 @@ def from_diffusers(unet, scheduler=None, num_train_timesteps: int = 1000, sde: V
     `.sample` (diffusers' `UNet2DOutput`). Only prediction_type='epsilon' is accepted.
     """
     sde = sde or VPSDE()
-    if alphas_cumprod is None and scheduler is not None:
+    if scheduler is not None:
         pred = _config_value(scheduler, "prediction_type", "epsilon")
         if pred != "epsilon":
             raise ValueError(f"from_diffusers supports prediction_type='epsilon', got {pred!r}")
+    if alphas_cumprod is None and scheduler is not None:
         alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
         if alphas_cumprod is None:
             alphas_cumprod = torch.cumprod(1.0 - ddpm_betas(
