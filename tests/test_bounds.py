@@ -79,3 +79,88 @@ def test_input_checks():
     J, se = score_matching_objective(lambda x, t: MIX.score(x, t, SDE) + 1.0, MIX, SDE, n_t=4, n_x=4,
                                      lam=lambda t: torch.ones_like(t), generator=gen(), dtype=torch.float64)
     assert math.isclose(J, 0.5 * 2 * (1 - 1e-3), rel_tol=1e-12) and se < 1e-12
+
+
+# --- Kwon et al.'s bound: the constant, L_s, the per-time profile, and the experiment's small version ---
+
+from wgfcore.bounds import kwon_bound_constant, one_sided_lipschitz, score_error_profile  # noqa: E402
+from wgfcore.scores import gaussian  # noqa: E402
+
+
+@pytest.mark.parametrize("L", [-3.0, -0.5, 0.0, 2.0, 40.0])
+def test_bound_constant_closed_form(L):
+    # constant L_s = L: log I(t) = (1 + 2L)(B(t) - B(eps)), B = int beta, and
+    # int I^2 g^2 dt = 2 int exp(2 (1 + 2L)(B - B0)) dB = (exp(2 (1 + 2L) dB) - 1) / (1 + 2L)
+    eps, T = 1e-3, 1.0
+    dB = float(SDE.int_beta(T) - SDE.int_beta(eps))
+    k = 1 + 2 * L
+    x = 2 * k * dB
+    log_integral = math.log(2 * dB) if k == 0 else \
+        (x + math.log(-math.expm1(-x)) - math.log(k) if x > 0 else math.log(math.expm1(x) / k))
+    for M in (1, 7, 60):  # a constant L makes the piecewise formula exact on any grid
+        ts = torch.linspace(eps, T, M + 1, dtype=torch.float64)
+        c = kwon_bound_constant(ts, torch.full((M,), L), SDE)
+        assert math.isclose(c["log_IT"], k * dB, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(c["log_C"], 0.5 * (math.log(2) + log_integral), rel_tol=1e-10)
+    # no overflow where the constant itself does not fit in float64
+    big = kwon_bound_constant(torch.tensor([eps, 0.5, T], dtype=torch.float64), torch.tensor([1e4, 1e4]), SDE)
+    assert math.isfinite(big["log_C"]) and big["log_C"] > 1000
+    with pytest.raises(ValueError, match="increasing"):
+        kwon_bound_constant(torch.tensor([0.5, 0.1]), torch.tensor([1.0]), SDE)
+    with pytest.raises(ValueError, match="M values"):
+        kwon_bound_constant(torch.tensor([0.1, 0.5]), torch.tensor([1.0, 2.0]), SDE)
+
+
+def test_one_sided_lipschitz_of_known_fields():
+    A = torch.tensor([[1.0, 3.0], [-1.0, -2.0]], dtype=torch.float64)  # sym part [[1, 1], [1, -2]]
+    x = torch.randn(50, 2, dtype=torch.float64, generator=gen(3))
+    expect = float(torch.linalg.eigvalsh(0.5 * (A + A.T))[-1])
+    assert math.isclose(one_sided_lipschitz(lambda x, t: x @ A.T, x, 0.3), expect, rel_tol=1e-12)
+    # a Gaussian N(0, v I) at time t: s = -x / (alpha^2 v + sigma^2), L_s = -1 / (alpha^2 v + sigma^2)
+    v, t = 0.2, 0.3
+    g = gaussian(torch.zeros(2), v * torch.eye(2, dtype=torch.float64))
+    var = float(SDE.alpha(t) ** 2 * v + SDE.sigma(t) ** 2)
+    assert math.isclose(one_sided_lipschitz(g.score_fn(SDE), x, t), -1 / var, rel_tol=1e-10)
+    # for the narrow Kwon mixture the score expands between modes at small t: L_s >> 0
+    mid = torch.zeros(1, 2, dtype=torch.float64)
+    assert one_sided_lipschitz(MIX.score_fn(SDE), mid, 1e-3) > 100
+
+
+def test_score_error_profile():
+    ts = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
+    m, se = score_error_profile(MIX.score_fn(SDE), MIX, SDE, ts, n_x=64, generator=gen(), dtype=torch.float64)
+    assert bool((m == 0).all()) and bool((se == 0).all())
+    b = torch.tensor([0.3, -0.4], dtype=torch.float64)
+    m, se = score_error_profile(lambda x, t: MIX.score(x, t, SDE) + b, MIX, SDE, ts, n_x=64, generator=gen(),
+                                dtype=torch.float64)
+    assert torch.allclose(m, torch.full((3,), 0.25, dtype=torch.float64), rtol=1e-12) and float(se.max()) < 1e-12
+
+
+@pytest.mark.slow
+def test_kwon_experiment_small(tmp_path):
+    # the seconds-long version of train/kwon_bound.py: both configurations, every output written
+    import csv
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "train"))
+    import kwon_bound
+
+    res = kwon_bound.main(["--small", "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "doc.md"),
+                           "--figures", str(tmp_path / "fig")])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "kwon_bound.csv")))
+    assert {r["config"] for r in rows} == {"kwon", "ours"} and len(rows) == 2 * 3
+    assert all(float(r["J_g2"]) > 0 and float(r["J_sigma2"]) > 0 for r in rows)
+    doc = (tmp_path / "doc.md").read_text()
+    assert "## `kwon`" in doc and "## `ours`" in doc and "log10 bound" in doc
+    for name in ("kwon_w2_vs_j.png", "kwon_bound.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 10_000
+    assert set(res) == {"kwon", "ours"}
+    # the stratified W2 removes the mode-mass noise that dominates the plain W2 of true samples
+    fl = res["ours"][0]
+    assert fl["iid_W2_modes"][0] < 0.2 * fl["iid_W2_all"][0]
+    # --render rebuilds the table from the run's CSV and floors without training
+    again = kwon_bound.main(["--small", "--render", str(tmp_path / "out"), "--doc", str(tmp_path / "re.md")])
+    assert again["kwon"][2]["fit"] == res["kwon"][2]["fit"]
+    assert (tmp_path / "re.md").read_text().count("| 0 |") == len(rows)
+    with pytest.raises(SystemExit) as e:
+        kwon_bound.main(["--configs", "kwon,nope"])
+    assert e.value.code == 2

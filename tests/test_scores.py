@@ -53,3 +53,21 @@ def test_bad_mixtures():
         GaussianMixture(torch.zeros(2, 2))  # neither covs nor stds
     with pytest.raises(ValueError, match="weights"):
         GaussianMixture(torch.zeros(2, 2), stds=1.0, weights=[0.7, 0.7])
+
+
+def test_cdf_and_icdf_of_a_1d_mixture():
+    mix = GaussianMixture(torch.tensor([[-1.0], [0.5]], dtype=torch.float64), stds=[0.3, 0.6],
+                          weights=[0.4, 0.6])
+    sde = VPSDE()
+    for t in (0.0, 0.3):
+        # the CDF is the integral of the density (trapezoid on a fine grid: error ~1e-8)
+        x = torch.linspace(-6, 6, 24001, dtype=torch.float64)[:, None]
+        p = mix.log_prob(x, t, sde).exp()
+        F_num = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (p[1:] + p[:-1]), 0) * 12 / 24000])
+        assert torch.allclose(mix.cdf(x, t, sde), F_num, atol=1e-7)
+        u = torch.tensor([1e-4, 0.1, 0.5, 0.77, 1 - 1e-4], dtype=torch.float64)
+        assert torch.allclose(mix.cdf(mix.icdf(u, t, sde), t, sde), u, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="1-D"):
+        kwon_mixture().cdf(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="quantile"):
+        mix.icdf(torch.tensor([0.0]))

@@ -92,6 +92,30 @@ class GaussianMixture:
         sk = -torch.einsum("bke,kde->bkd", y / v, U)
         return (gamma[..., None] * sk).sum(1).reshape(x.shape).to(x.dtype)
 
+    def cdf(self, x: torch.Tensor, t=0.0, sde: VPSDE | None = None) -> torch.Tensor:
+        """CDF of the 1-D marginal mu_t at x (float64; d = 1 only); t a scalar."""
+        if self.d != 1:
+            raise ValueError(f"cdf needs a 1-D mixture, this one has d = {self.d}")
+        m = self.marginal(t, sde)
+        x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, 1)
+        z = (x - m.means[:, 0][None]) / m.covs[:, 0, 0].sqrt()[None]
+        return (m.weights[None] * torch.special.ndtr(z)).sum(1)
+
+    def icdf(self, u: torch.Tensor, t=0.0, sde: VPSDE | None = None, iters: int = 200) -> torch.Tensor:
+        """Quantiles of the 1-D marginal mu_t (bisection to float64 resolution; d = 1 only)."""
+        u = torch.as_tensor(u, dtype=torch.float64).flatten()
+        if not bool(((u > 0) & (u < 1)).all()):
+            raise ValueError("quantile levels must lie in (0, 1)")
+        m = self.marginal(t, sde)
+        sd = m.covs[:, 0, 0].sqrt()
+        lo = torch.full_like(u, float((m.means[:, 0] - 40 * sd).min()))
+        hi = torch.full_like(u, float((m.means[:, 0] + 40 * sd).max()))
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            below = m.cdf(mid) < u
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (0.5 * (lo + hi))[:, None]
+
     def score_fn(self, sde: VPSDE | None = None):
         """A `score_fn(x, t)` for `wgfcore.sample`."""
         sde = sde or VPSDE()
