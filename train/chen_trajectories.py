@@ -263,13 +263,14 @@ def _fmt(v, digits=3):
     return "" if v is None else f"{v:.{digits}g}"
 
 
-def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k):
+def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, firsts):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     N, B = len(sig) - 1, args.samples
     out = args.out
+    first_k, first_x = firsts
     ks = np.arange(N + 1)
     colors = {"theta": "tab:blue", "opt": "tab:orange"}
     labels = {"theta": "trained U-Net D_θ", "opt": "optimal D* (memorises)"}
@@ -279,12 +280,13 @@ def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k)
     for m in ("theta", "opt"):
         s, c = S[m], colors[m]
         _band(axs[0], ks, s["rel_dev"], labels[m], c)
-        _band(axs[1], ks[:-1], s["x_to_end"][:-1], f"{labels[m]}: x_i", c, "--")
-        _band(axs[1], ks[:-1], s["d_to_end"], f"{labels[m]}: D(x_i; σ_i)", c)
+        # the last denoising output *is* x_N (distance 0): drawn at 1e-6 so the log axis keeps it
+        _band(axs[1], ks[:-1], np.maximum(s["x_to_end"][:-1], 1e-6), f"{labels[m]}: x_i", c, "--")
+        _band(axs[1], ks[:-1], np.maximum(s["d_to_end"], 1e-6), f"{labels[m]}: D(x_i; σ_i)", c)
         _band(axs[2], ks[1:-1], s["angle"], labels[m], c)
     axs[0].set(xlabel="step i", ylabel="deviation / |x_N − x_0|", title="(a) distance of x_i from the chord x_0 → x_N")
     axs[1].set(xlabel="step i", ylabel="rms distance to x_N (pixels in [−1, 1])", yscale="log",
-               title="sampling (dashed) vs denoising (solid) trajectory:\ndistance to the final sample")
+               title="sampling (dashed) vs denoising (solid) trajectory:\ndistance to the final sample (< 1e-6 drawn at 1e-6)")
     axs[2].set(xlabel="step i (at x_i)", ylabel="degrees", title="turning angle between successive steps")
     for ax in axs:
         ax.legend(fontsize=7)
@@ -380,7 +382,7 @@ def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k)
     with open(out / "chen.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["k", "sigma", "jump_nfe", "fd_jump", "fd_jump_se", "fd_jump_minus_final", "diff_lo95", "diff_hi95",
-                    "fd_xk", "fd_xk_se", "fd_opt_jump", "fd_opt_jump_se", "rel_dev_median", "opt_rel_dev_median",
+                    "fd_xk", "fd_xk_se", "fd_xk_minus_final", "xk_diff_lo95", "xk_diff_hi95", "fd_opt_jump", "fd_opt_jump_se", "rel_dev_median", "opt_rel_dev_median",
                     "dtheta_dstar_rms_median", "rel_score_dev_median", "rel_score_dev_on_opt_median"])
         for k in range(N + 1):
             j = q.get(f"theta_jump_{k}")
@@ -388,7 +390,7 @@ def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k)
             xk = q[f"theta_x_{k}"]
             w.writerow([k, sig[k], 2 * k + 1 if k < N else 2 * N - 1,
                         *(("", "", "", "", "") if j is None else (j["fd"], j["se"], j["diff"], j["lo"], j["hi"])),
-                        xk["fd"], xk["se"], *(("", "") if o is None else (o["fd"], o["se"])),
+                        xk["fd"], xk["se"], xk["diff"], xk["lo"], xk["hi"], *(("", "") if o is None else (o["fd"], o["se"])),
                         np.median(S["theta"]["rel_dev"][k]), np.median(S["opt"]["rel_dev"][k]),
                         *((np.median(dev["theta"][0][k]), np.median(dev["theta"][1][k]), np.median(dev["opt"][1][k]))
                           if k < N else ("", "", ""))])
@@ -411,15 +413,15 @@ def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k)
     if floor is not None:
         L += [f"Floor: {B} real digits vs all 1797 score {floor[0]:.2f} ± {floor[1]:.2f} (mean ± sd over "
               f"{args.floor_draws} subsets).", ""]
-    L += ["| k | σ_k | NFE | FD jump D_θ(x_k) | Δ vs x_N [95%] | FD x_k | FD jump D*(x_k) | rel. dev. D_θ | rel. dev. D* "
-          "| rms D_θ−D* | ‖s_θ−s*‖/‖s*‖ |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["| k | σ_k | NFE | FD jump D_θ(x_k) | Δ vs x_N [95%] | FD x_k | Δ vs x_N [95%] | FD jump D*(x_k) "
+          "| rel. dev. D_θ | rel. dev. D* | rms D_θ−D* | ‖s_θ−s*‖/‖s*‖ |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in range(N + 1):
         j, o, xk = q.get(f"theta_jump_{k}"), q.get(f"opt_jump_{k}"), q[f"theta_x_{k}"]
         cells = [str(k), f"{sig[k]:.3g}", str(2 * k + 1 if k < N else 2 * N - 1),
                  "" if j is None else f"{j['fd']:.3g} ± {j['se']:.2g}",
                  "" if j is None else f"{j['diff']:+.3g} [{j['lo']:+.2g}, {j['hi']:+.2g}]",
-                 f"{xk['fd']:.3g} ± {xk['se']:.2g}",
+                 f"{xk['fd']:.3g} ± {xk['se']:.2g}", f"{xk['diff']:+.3g} [{xk['lo']:+.2g}, {xk['hi']:+.2g}]",
                  "" if o is None else f"{o['fd']:.3g} ± {o['se']:.2g}",
                  f"{np.median(S['theta']['rel_dev'][k]):.3g}", f"{np.median(S['opt']['rel_dev'][k]):.3g}",
                  "" if k == N else f"{np.median(dev['theta'][0][k]):.3g}",
@@ -437,7 +439,11 @@ def write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k)
           f"- Full sample x_N of D_θ: digits-FD {fin['fd']:.3g} ± {fin['se']:.2g}; "
           + ("the jump outputs are within noise of it (paired 95% interval reaches 0) from "
              f"k = {first_k} on (NFE {2 * first_k + 1} instead of {2 * N - 1})." if first_k is not None and first_k < N - 1
-             else "no earlier jump is within noise of it."),
+             else "no earlier jump is within noise of it.")
+          + (f" The sampling trajectory x_k itself gets there from k = {first_x} on." if first_x is not None else ""),
+          f"- D*'s full sample (training digits, memorised): digits-FD {q['opt_x_final']['fd']:.3g} ± "
+          f"{q['opt_x_final']['se']:.2g}; minus D_θ's: {q['opt_x_final']['diff']:+.3g} "
+          f"[{q['opt_x_final']['lo']:+.2g}, {q['opt_x_final']['hi']:+.2g}] (paired 95%).",
           ""]
     md = "\n".join(L)
     (out / "chen_results.md").write_text(md)
@@ -488,7 +494,8 @@ def compute(args, cfg, net, data, feats):
     q = fd_with_noise(sets, ref, args.bootstrap, args.seed, paired_to=f"theta_x_{N}")
     floor = data_floor(f_data, ref, args.samples, args.floor_draws, args.seed)
     first_k = first_within_noise(q, [f"theta_jump_{k}" for k in range(N)])
-    return sig, S, dev, q, floor, first_k
+    first_x = first_within_noise(q, [f"theta_x_{k}" for k in range(N + 1)])
+    return sig, S, dev, q, floor, (first_k, first_x)
 
 
 def main(argv=None) -> int:
@@ -520,14 +527,14 @@ def main(argv=None) -> int:
     clf, acc = get_classifier(cache, resolution=cfg["resolution"], epochs=epochs, progress=args.progress)
     feats = DigitsFeatures(clf)
     data = load_digits_tensor(cfg["resolution"])[0]
-    sig, S, dev, q, floor, first_k = compute(args, cfg, net, data, feats)
+    sig, S, dev, q, floor, (first_k, first_x) = compute(args, cfg, net, data, feats)
     seconds = time.time() - t0
-    write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, first_k)
+    write_outputs(args, cfg, step, sig, S, dev, q, floor, acc, seconds, (first_k, first_x))
     N = args.steps
     summary = {"run": str(args.run), "step": step, "samples": args.samples, "steps": N, "seed": args.seed,
                "classifier_test_accuracy": acc, "seconds": round(seconds, 1),
                "fd_full_sample": q[f"theta_x_{N}"], "fd_optimal_full_sample": q["opt_x_final"],
-               "floor_mean_sd": floor, "first_jump_within_noise": first_k,
+               "floor_mean_sd": floor, "first_jump_within_noise": first_k, "first_xk_within_noise": first_x,
                "max_rel_deviation_median": {m: float(np.median(S[m]["rel_dev"].max(0))) for m in S},
                "nn_end_median_spacings": {m: float(np.median(S[m]["nn_end"])) for m in S}}
     (args.out / "chen_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
