@@ -1,8 +1,9 @@
 """Trajectory statistics of Chen et al., *A Geometric Perspective on Diffusion Models* (ALGORITHMS §5).
 
 Inputs are stacked trajectories of shape (N+1, B, ...) as returned by `wgfcore.edm.trajectories`:
-deviation from the straight line through the endpoints, per-step turning angle, and the distance
-of any set of points (e.g. the denoising outputs) to their nearest training sample.
+deviation from the straight line through the endpoints, per-step turning angle, the distance of any
+set of points (e.g. the denoising outputs) to their nearest training sample, and the score deviation
+between two denoisers evaluated at the same states.
 """
 from __future__ import annotations
 
@@ -92,4 +93,30 @@ def typical_spacing(data: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     return out
 
 
-__all__ = ["deviation", "turning_angle", "nearest_neighbour", "nn_distance_trajectory", "typical_spacing"]
+def score_deviation(D_a: torch.Tensor, D_b: torch.Tensor, x: torch.Tensor,
+                    batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chen et al.'s score deviation between two denoisers evaluated at the same states x.
+
+    x, D_a = D_a(x; sigma), D_b = D_b(x; sigma) share one shape whose first `batch_dims` dims index
+    states ((B, ...) batches: 1; (T, B, ...) trajectories: 2) and whose other dims are one state's
+    features (d of them). Returns (rms, relative), float64, of shape x.shape[:batch_dims]:
+
+    - rms = |D_a - D_b| / sqrt(d): the difference of the two denoising outputs per coordinate, in
+      data units. The score difference is |D_a - D_b| / sigma^2 (s = (D - x) / sigma^2), which spans
+      decades across sigma; the rms stays readable.
+    - relative = |D_a - D_b| / |D_b - x| = |s_a - s_b| / |s_b|: sigma cancels, so it is the relative
+      error of score a against the reference score b at that state.
+    """
+    if D_a.shape != x.shape or D_b.shape != x.shape:
+        raise ValueError(f"D_a {tuple(D_a.shape)}, D_b {tuple(D_b.shape)} and x {tuple(x.shape)} must have one shape")
+    if isinstance(batch_dims, bool) or batch_dims not in (1, 2) or x.ndim <= batch_dims:
+        raise ValueError(f"batch_dims must be 1 or 2 and leave feature dims, got {batch_dims!r} for shape {tuple(x.shape)}")
+    lead = x.shape[:batch_dims]
+    a, b, xx = (t.reshape(*lead, -1).to(torch.float64) for t in (D_a, D_b, x))
+    diff = (a - b).norm(dim=-1)
+    ref = (b - xx).norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    return diff / a.shape[-1] ** 0.5, diff / ref
+
+
+__all__ = ["deviation", "turning_angle", "nearest_neighbour", "nn_distance_trajectory", "typical_spacing",
+           "score_deviation"]

@@ -1,12 +1,15 @@
 """Chen et al., *A Geometric Perspective on Diffusion Models*, with the exact empirical score (ALGORITHMS §5).
 
+(Was train/geometry.py, renamed because wgfcore/geometry.py holds the statistics themselves. The same
+statistics on a *trained* U-Net: train/chen_trajectories.py.)
+
 EDM Heun over a Karras sigma grid, driven by the empirical optimal denoiser D* (mean shift, no training),
 on two small datasets: the scikit-learn digits (8x8, [-1, 1], no download) and samples of Kwon et al.'s
 2-D mixture. Records both trajectories of every sample and their statistics: relative deviation from the
 chord x_0 -> x_N, turning angle per step, distance of x_i and of D(x_i; sigma_i) to the nearest training
 sample (memorisation).
 
-    python train/geometry.py --out runs/geometry --figures docs/figures
+    python train/chen_optimal.py --out runs/geometry --figures docs/figures
 
 Writes geometry.csv and geometry_stats.png, geometry_2d.png, geometry_digits.png into --out (and the
 PNGs also into --figures when given).
@@ -164,7 +167,7 @@ def main(argv=None):
     # --- digits: x_i and D(x_i; sigma_i) as images at a few steps --------------------------------
     tr = S["digits"]["traj"]
     cols = sorted(set(np.linspace(0, N - 1, 8).round().astype(int)))
-    rows = 4
+    rows = min(4, tr["x"].shape[1])
     fig, axs = plt.subplots(2 * rows, len(cols), figsize=(0.9 * len(cols), 0.95 * 2 * rows), dpi=90)
     for r in range(rows):
         for j, i in enumerate(cols):
