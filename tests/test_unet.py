@@ -6,9 +6,13 @@ import re
 import pytest
 import torch
 
+import kernels
 from wgfcore.nets import ATTENTION_BACKENDS, MLP, PRESETS, UNet
 
 F32_EPS = torch.finfo(torch.float32).eps
+# Follow the device as tests/test_attention.py does: the Triton kernels refuse CPU tensors
+# when a GPU is present (they are compiled for it), and run on CPU only in the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRETED else "cpu"
 
 
 def randomised(net: UNet, seed: int = 0) -> UNet:
@@ -28,7 +32,7 @@ def run(net, x, t):
     x = x.clone().requires_grad_()
     out = net(x, t)
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
     (out * w).sum().backward()
     grads = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in net.parameters()])
     net.zero_grad(set_to_none=True)
@@ -41,8 +45,8 @@ def tiny_setup():
     net = randomised(UNet.from_preset("tiny")).eval()
     x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([0.05, 0.7])
-    ref = run(copy.deepcopy(net).double(), x.double(), t.double())  # fp64 "math" network
-    return net, x, t, ref
+    ref = run(copy.deepcopy(net).double(), x.double(), t.double())  # fp64 "math" network, on CPU
+    return net.to(DEVICE), x.to(DEVICE), t.to(DEVICE), ref
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
@@ -58,6 +62,8 @@ def test_backends_agree_with_math_in_output_and_gradients(tiny_setup, backend):
     out_b, grad_b = run(net.set_attention_backend(backend), x, t)
     assert net.attention_backend == backend
     assert out_b.shape == x.shape
+    assert out_b.device.type == DEVICE
+    out_math, grad_math, out_b, grad_b = (z.cpu() for z in (out_math, grad_math, out_b, grad_b))
     for name, got, base, ref in (("output", out_b, out_math, out_ref), ("gradient", grad_b, grad_math, grad_ref)):
         err_b = (got - ref).abs().max().item()
         err_math = (base - ref).abs().max().item()
@@ -77,7 +83,7 @@ def test_attention_blocks_are_live(tiny_setup):
     blocks[0].attend = lambda q, k, v: v
     try:
         with torch.no_grad():
-            changed = net(x, t).double()
+            changed = net(x, t).double().cpu()
     finally:
         blocks[0].attend = original
     assert (changed - out_ref).abs().max().item() > 1e-3
