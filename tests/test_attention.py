@@ -239,3 +239,30 @@ def test_bf16_on_interpreter_is_rejected_clearly():
     x = _t(1, 1, 8, 32, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="interpreter has no bfloat16"):
         attention(x, x, x)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_head_grouping_is_bitwise_neutral(group):
+    # Merging (batch, head) pairs per program (GROUP) changes which program computes a pair,
+    # not the arithmetic: outputs and gradients must be bitwise those of the default
+    # configuration, including a trailing program whose pairs run past B*H (5 pairs, 3 per
+    # program). L=20 takes the two-kernel backward, L=9 the one-tile backward.
+    from kernels.attention import override_config
+
+    for L in (9, 20):
+        q, k, v, do = make_inputs(1, 5, L, 32, torch.float32, seed=L)
+        base = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
+        bwd = "bwd1" if L <= 16 else "bwd"
+        with override_config("fwd", L, 32, torch.float32, GROUP=group), \
+                override_config(bwd, L, 32, torch.float32, GROUP=group):
+            got = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
+        for name in ("o", "lse", "dq", "dk", "dv"):
+            assert torch.equal(got[name], base[name]), (name, L, group)
+
+
+def test_override_config_rejects_unknown_keys():
+    from kernels.attention import override_config
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        with override_config("fwd", 8, 32, torch.float32, BLOCK=32):
+            pass
