@@ -180,3 +180,99 @@ def test_triton_backend_rejects_unsupported_head_dim():
 
 def test_mlp_is_exported():
     assert MLP.__module__ == "wgfcore.nets.mlp"
+
+
+def _small_fused_net():
+    # The smallest network that has every fused piece: ResBlocks with scale-shift norms,
+    # attention at 4 x 4 (L = 16, head dim 32), and the output norm. The interpreter is slow:
+    # groups of one channel and 16 positions keep a forward+backward to seconds.
+    torch.manual_seed(0)
+    net = UNet(4, 1, model_channels=32, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(4,),
+               head_channels=32, resample="conv")
+    return randomised(net).eval()
+
+
+def test_fused_kernels_agree_with_math_in_output_and_gradients():
+    # set_kernels("fused"): Triton attention, fused GroupNorm + scale-shift + SiLU, token-layout
+    # qkv. Same principled tolerance as the attention backends above: at most twice the fp32
+    # "math" network's error against the fp64 one, plus one fp32 ulp at the output scale.
+    pytest.importorskip("triton")
+    net = _small_fused_net()
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([0.1, 0.8])
+    out_ref, grad_ref = run(copy.deepcopy(net).double(), x.double(), t.double())
+    net = net.to(DEVICE)
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    out_math, grad_math = run(net, x, t)
+    assert net.kernels == "custom"  # a fresh net: math attention, torch norms
+    out_f, grad_f = run(net.set_kernels("fused"), x, t)
+    assert net.kernels == "fused" and net.attention_backend == "triton"
+    for name, got, base, ref in (("output", out_f, out_math, out_ref), ("gradient", grad_f, grad_math, grad_ref)):
+        got, base = got.cpu(), base.cpu()
+        err_f = (got - ref).abs().max().item()
+        err_math = (base - ref).abs().max().item()
+        floor = F32_EPS * max(1.0, ref.abs().max().item())
+        assert err_f <= 2 * err_math + floor, f"fused {name}: {err_f:.3e} vs math {err_math:.3e}"
+
+
+def test_set_kernels_torch_path_is_todays_ops_and_switches_back():
+    # The torch path of the GroupNorm subclass is exactly the ops the network used before
+    # (group_norm, scale-shift, SiLU), bitwise; set_kernels("torch") uses SDPA attention.
+    from wgfcore.nets.unet import GroupNorm
+
+    torch.manual_seed(1)
+    norm = GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x, s, sh = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 1, 1), torch.randn(2, 8, 1, 1)
+    gn = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(norm(x), gn)
+    assert torch.equal(norm(x, act=True), torch.nn.functional.silu(gn))
+    assert torch.equal(norm(x, s, sh, act=True), torch.nn.functional.silu(gn * (1 + s) + sh))
+    assert set(norm.state_dict()) == {"weight", "bias"}
+
+    net = UNet.from_preset("tiny")
+    keys = set(net.state_dict())
+    net.set_kernels("torch")
+    assert net.kernels == "torch" and net.attention_backend == "sdpa"
+    assert set(net.state_dict()) == keys
+    with pytest.raises(ValueError, match=r"choose from \('torch', 'fused'\)"):
+        net.set_kernels("triton")
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        net.set_kernels("torch", channels_last="yes")
+    net.set_attention_backend("math")
+    assert net.kernels == "custom"
+
+
+def test_set_kernels_fused_rejects_unsupported_head_dim_before_switching():
+    pytest.importorskip("triton")
+    net = UNet.from_preset("tiny", head_channels=16)
+    with pytest.raises(ValueError, match="head_channels in"):
+        net.set_kernels("fused")
+    assert net.kernels == "custom" and net.attention_backend == "math"
+
+
+def test_channels_last_keeps_the_function_and_the_callers_format():
+    # Torch path in NHWC memory: the same function, where only the convolutions' summation
+    # order may change, so the tolerance of the backend test above (2x the contiguous fp32
+    # network's error against fp64, plus one ulp); parameters converted in place, and the
+    # output in the input's memory format.
+    torch.manual_seed(0)
+    net = randomised(UNet.from_preset("tiny", in_channels=3)).eval().set_kernels("torch")
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(x.double(), t.double())
+        base = net(x, t).double()
+    params = [p for p in net.parameters()]
+    with torch.no_grad():
+        net.set_kernels("torch", channels_last=True)
+        assert net.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert [p for p in net.parameters()] == params  # same Parameter objects
+        out = net(x, t)
+        out_cl = net(x.contiguous(memory_format=torch.channels_last), t)
+    assert out.is_contiguous()
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_cl)
+    err, err_base = (out.double() - ref).abs().max().item(), (base - ref).abs().max().item()
+    assert err <= 2 * err_base + F32_EPS * max(1.0, ref.abs().max().item()), (err, err_base)
+    net.set_kernels("torch")
+    assert net.input_conv.weight.is_contiguous() and not net.channels_last
