@@ -538,6 +538,48 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+# The same forward and backward as torch.library custom ops, for torch.compile: dynamo cannot
+# trace into a Triton launch in every setting (not at all under the interpreter), while a
+# custom op is opaque to it, so a compiled network keeps one graph around the kernels.
+# Eager calls keep the autograd.Function above: a custom op's dispatch costs host time
+# (launch-bound short sequences are where the kernels need every microsecond).
+@torch.library.custom_op("wgfcore::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, scale):
+    B, H, L, D = q.shape
+    return q.new_empty((B, L, H, D)).transpose(1, 2), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("wgfcore::attention_bwd", mutates_args=())
+def _attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
+                      do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, o, lse2, do, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(q, k, v, o, lse2, do, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _op_backward(ctx, do, _dlse2):
+    q, k, v, o, lse2 = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(q, k, v, o, lse2, do, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
     """Forward only, without autograd: returns ``(o, lse)``.
 
@@ -558,4 +600,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale defaults to 1/sqrt(D). Accumulation is in float32; memory is O(B H L D).
     """
     scale = _check_inputs(q, k, v, scale)
-    return _FlashAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if torch.compiler.is_compiling():
+        return _attention_fwd_op(q, k, v, scale)[0]
+    return _FlashAttention.apply(q, k, v, scale)

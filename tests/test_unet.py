@@ -276,3 +276,21 @@ def test_channels_last_keeps_the_function_and_the_callers_format():
     assert err <= 2 * err_base + F32_EPS * max(1.0, ref.abs().max().item()), (err, err_base)
     net.set_kernels("torch")
     assert net.input_conv.weight.is_contiguous() and not net.channels_last
+
+
+def test_fused_network_composes_with_torch_compile():
+    # The Triton kernels are torch.library custom ops under torch.compile (opaque to dynamo),
+    # so a fused network compiles as one graph (fullgraph=True fails on any graph break).
+    # "aot_eager" traces forward and backward exactly as inductor would but runs them eagerly:
+    # it needs no C++ compiler, and on CPU the kernels themselves run in the interpreter.
+    # Output and gradients must agree with the eager fused network to the tolerance above.
+    pytest.importorskip("triton")
+    net = _small_fused_net().set_kernels("fused").to(DEVICE)
+    x, t = torch.randn(2, 1, 4, 4, device=DEVICE), torch.tensor([0.1, 0.8], device=DEVICE)
+    ref = run(copy.deepcopy(net).set_kernels("torch").cpu().double(), x.cpu().double(), t.cpu().double())
+    eager = run(net, x, t)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(net, backend="aot_eager", fullgraph=True), x, t)
+    for got, base, r in zip(compiled, eager, ref):
+        err, err_eager = (got.cpu() - r).abs().max().item(), (base.cpu() - r).abs().max().item()
+        assert err <= 2 * err_eager + F32_EPS * max(1.0, r.abs().max().item()), (err, err_eager)
