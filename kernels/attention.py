@@ -299,13 +299,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Streaming multiprocessors of the current GPU: the (batch, head) merging rule below keeps
-# enough programs to fill them.
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Forward tiles measured on an H100 in bf16 (shared/measurements/h100-2026-11-25, TFLOP/s,
 # forward only; BLOCK_M x BLOCK_N, warps, stages):
 #   D=128, L=4096: 64x64 w4 s3 444 (SDPA 339; the earlier 64x64 w8 s2 gave 184)
@@ -325,21 +318,6 @@ _FWD_TABLE = {
 }
 
 
-def _group(programs: int, L: int, device: torch.device) -> int:
-    """(batch, head) pairs per program: >1 only at short L with many more programs than SMs.
-
-    A rule, not a measurement: merge pairs while at least 4 programs per SM remain, up to 4
-    pairs per program, so the grid still fills the GPU for latency hiding.
-    """
-    if L > 256 or device.type != "cuda":
-        return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    g = 1
-    while g < 4 and programs // (2 * g) >= 4 * sms:
-        g *= 2
-    return g
-
-
 @functools.lru_cache(maxsize=1024)
 def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options for one kernel: "fwd", "bwd" or "bwd1" (one-tile backward).
@@ -349,6 +327,12 @@ def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
     L <= 16 and (GROUP=2) the merged (batch, head) loop with its masked trailing program.
     On a GPU the forward follows _FWD_TABLE; a sequence no longer than one key block
     (L <= 64, the U-Net's 8 x 8) is a single tile. The backward entries are unmeasured.
+
+    GROUP is 1 on a GPU until a measurement says otherwise: compiled for sm_90 (ptxas -v,
+    no GPU needed), GROUP=2 raises the one-tile forward at L=64 from 122 to 255 registers
+    per thread with 4 warps (232-404 bytes spilled) and the one-tile backward from 143 to 255
+    with 656 bytes spilled; the merged loop becomes the pipelined loop. bench/ has rows
+    (triton-g2, triton-g4) to measure it; override_config sets it.
     """
     one = max(16, _next_pow2(L))  # one tile that covers the whole sequence
     if INTERPRETED:
@@ -367,11 +351,13 @@ def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
                                          if d == D and (top is None or L <= top))
         bm, bn = min(bm, one), min(bn, one)
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, GROUP=1, ONE_BLOCK=L <= bn)
-    if kind == "bwd1":  # unmeasured: 8 warps, as about ten L x D and L x L tiles are live
+    if kind == "bwd1":  # unmeasured; sm_90 build: 143 registers, no spills at 8 warps (205 at 4)
         return dict(BLOCK=one, num_warps=8, num_stages=1, GROUP=1)
-    # Unmeasured: the earlier backward tiles.
+    # Unmeasured: the earlier backward tiles; at D=128 8 warps, as the dK/dV pass spilled
+    # 80 bytes per thread at 4 (sm_90 build, ptxas -v) and none at 8.
     bm, bn = (32, 64) if (wide or D == 128) else (64, 64)
-    return dict(BLOCK_M=min(bm, one), BLOCK_N=min(bn, one), num_warps=4, num_stages=2, GROUP=1)
+    warps = 8 if D == 128 else 4
+    return dict(BLOCK_M=min(bm, one), BLOCK_N=min(bn, one), num_warps=warps, num_stages=2, GROUP=1)
 
 
 def _one_block_backward(L: int, D: int, dtype: torch.dtype) -> bool:
@@ -457,17 +443,9 @@ def override_config(kind: str, L: int, D: int, dtype: torch.dtype, **cfg):
         del _OVERRIDES[key]
 
 
-def _launch_cfg(kind: str, L: int, D: int, dtype: torch.dtype, programs, device: torch.device) -> dict:
-    """The table's configuration, or an override; GROUP follows the GPU's SM count.
-
-    `programs(block)` is the grid size before merging (batch, head) pairs."""
-    cfg = _OVERRIDES.get((kind, L, D, dtype))
-    if cfg is not None:
-        return cfg
-    cfg = dict(_config(kind, L, D, dtype))
-    if not INTERPRETED:
-        cfg["GROUP"] = _group(programs(cfg), L, device)
-    return cfg
+def _launch_cfg(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
+    """The table's configuration, or an override_config one."""
+    return _OVERRIDES.get((kind, L, D, dtype)) or _config(kind, L, D, dtype)
 
 
 def _forward(q, k, v, scale):
@@ -476,7 +454,7 @@ def _forward(q, k, v, scale):
     # folds the heads back into channels with a free reshape instead of a copy.
     o = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse2 = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    cfg = _launch_cfg("fwd", L, D, q.dtype, lambda c: triton.cdiv(L, c["BLOCK_M"]) * B * H, q.device)
+    cfg = _launch_cfg("fwd", L, D, q.dtype)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(B * H, cfg["GROUP"]))
     _fwd_kernel[grid](
         q, k, v, o, lse2,
@@ -496,7 +474,7 @@ def _backward(q, k, v, o, lse2, do, scale):
     prec = _precision(q.dtype)
     BH = B * H
     if _one_block_backward(L, D, q.dtype):
-        cfg = _launch_cfg("bwd1", L, D, q.dtype, lambda c: BH, q.device)
+        cfg = _launch_cfg("bwd1", L, D, q.dtype)
         _bwd_one_block_kernel[(triton.cdiv(BH, cfg["GROUP"]),)](
             q, k, v, o, do, lse2, dq, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
@@ -505,7 +483,7 @@ def _backward(q, k, v, o, lse2, do, scale):
         )
         return dq, dk, dv
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    cfg = _launch_cfg("bwd", L, D, q.dtype, lambda c: triton.cdiv(L, c["BLOCK_N"]) * BH, q.device)
+    cfg = _launch_cfg("bwd", L, D, q.dtype)
     n_m, n_n = triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(L, cfg["BLOCK_N"])
     # dQ first: it also writes delta, which the dK/dV pass reads (same stream, in order).
     _bwd_dq_kernel[(n_m, triton.cdiv(BH, cfg["GROUP"]))](
