@@ -342,8 +342,10 @@ def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
         return dict(cfg, ONE_BLOCK=L <= 16) if kind == "fwd" else cfg
     wide = dtype == torch.float32  # twice the bytes per tile: smaller tiles
     if kind == "fwd":
-        if wide:  # fp32 storage: the earlier configuration, unmeasured either way
-            bm, bn, warps, stages = 64, 64, 8 if D == 128 else 4, 2
+        if wide:  # fp32 storage (IEEE products, no tensor cores). Speed unmeasured; the
+            # earlier 64x64 tiles spilled 764-14672 bytes per thread in an sm_90 build
+            # (kernels/_build_check.py), these none.
+            bm, bn, warps, stages = (64, 32, 8, 2) if D == 128 else (32, 32, 4, 2)
         elif L <= 64:  # one tile covers the whole sequence (unmeasured)
             bm, bn, warps, stages = one, one, 4, 2
         else:
@@ -354,8 +356,9 @@ def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
     if kind == "bwd1":  # unmeasured; sm_90 build: 143 registers, no spills at 8 warps (205 at 4)
         return dict(BLOCK=one, num_warps=8, num_stages=1, GROUP=1)
     # Unmeasured: the earlier backward tiles; at D=128 8 warps, as the dK/dV pass spilled
-    # 80 bytes per thread at 4 (sm_90 build, ptxas -v) and none at 8.
-    bm, bn = (32, 64) if (wide or D == 128) else (64, 64)
+    # 80 bytes per thread at 4 (sm_90 build, ptxas -v) and none at 8; fp32 at 32x32, as the
+    # earlier 32x64 spilled 192-740 bytes.
+    bm, bn = (32, 32) if wide else (32, 64) if D == 128 else (64, 64)
     warps = 8 if D == 128 else 4
     return dict(BLOCK_M=min(bm, one), BLOCK_N=min(bn, one), num_warps=warps, num_stages=2, GROUP=1)
 
