@@ -341,9 +341,10 @@ class UNet(nn.Module):
         """Switch the whole network's execution path; parameters and function are unchanged.
 
         - "fused": Triton attention (kernels/attention.py), fused GroupNorm + scale-shift +
-          SiLU (kernels/groupnorm.py) and q, k, v in token layout: the fastest path this
-          package offers. Needs head_channels in kernels.attention.SUPPORTED_HEAD_DIMS, and
-          CUDA tensors (or the Triton interpreter on CPU).
+          SiLU (kernels/groupnorm.py) and q, k, v in token layout: the path built to be the
+          fastest (its speed is not yet measured: bench/test_bench_unet.py has the rows).
+          Needs head_channels in kernels.attention.SUPPORTED_HEAD_DIMS, and CUDA tensors (or
+          the Triton interpreter on CPU).
         - "torch": nn.GroupNorm + SiLU and PyTorch SDPA attention (the eager torch path).
         channels_last: convolution weights and activations in NHWC memory (either mode); the
         output keeps the input's memory format. Call this before building an optimizer's
