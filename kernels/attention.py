@@ -6,6 +6,8 @@ U-Net (`wgfcore.nets.unet`); the oracle is plain ``softmax(q k^T * scale) v``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -15,7 +17,7 @@ import triton.language as tl
 from . import INTERPRETED
 from ._common import SUPPORTED_DTYPES, check_device, check_dtype
 
-__all__ = ["attention", "attention_forward", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["attention", "attention_forward", "override_config", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -29,6 +31,12 @@ _MAX_GRID_DIM1 = 65535
 # Kernels. Every (B, H, L, D) tensor is addressed through its (batch, head, row) strides;
 # the launcher guarantees a unit stride along D. The log-sum-exp and delta vectors are
 # contiguous (B*H, L) float32 arrays.
+#
+# Each program handles GROUP (batch, head) pairs one after the other (grid axis 1 has
+# cdiv(B*H, GROUP) programs): at short L a (batch, head) pair is only a few key blocks of
+# work, and merging them amortises the program's set-up. A trailing program whose pair
+# index runs past B*H recomputes the last pair and stores nothing (its stores are masked),
+# so no NaN from an all-masked row is ever formed.
 # --------------------------------------------------------------------------------------
 
 
@@ -39,80 +47,186 @@ def _fwd_kernel(
     sk_b, sk_h, sk_l,
     sv_b, sv_h, sv_l,
     so_b, so_h, so_l,
-    H, L, qk_scale_log2,
+    H, L, BH, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
+    row_in = offs_m < L
+    for g in range(GROUP):
+        bh_raw = tl.program_id(1) * GROUP + g
+        bh = tl.minimum(bh_raw, BH - 1)
+        b = bh // H
+        h = bh % H
+        row_ok = row_in & (bh_raw < BH)
 
-    q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
+                    mask=row_in[:, None], other=0.0)
+        k_base = K + b * sk_b + h * sk_h
+        v_base = V + b * sv_b + h * sv_h
+        if ONE_BLOCK:
+            # The whole sequence is one key block (L <= BLOCK_N): a plain softmax, with no
+            # running max to rescale against.
+            col_ok = offs_n0 < L
+            k = tl.load(k_base + offs_n0[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n0[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_i = tl.max(s, 1)
+            p = tl.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            # Running row max m_i (base-2 logits), running denominator l_i, unnormalised output.
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            for start_n in range(0, L, BLOCK_N):
+                offs_n = start_n + offs_n0
+                col_ok = offs_n < L
+                k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+                # Padded keys must get zero weight; -inf makes exp2 exactly 0. Every row has at
+                # least one real key in the first block (L >= 1), so m_new is finite from then on.
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # As in FA-2, P is rounded to the storage dtype for the tensor-core matmul; the
+                # denominator l_i above uses the fp32 P.
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
 
-    # Running row max m_i (base-2 logits), running denominator l_i, unnormalised output.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < L
-        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
-        # Padded keys must get zero weight; -inf makes exp2 exactly 0. Every row has at
-        # least one real key in the first block (L >= 1), so m_new is finite from then on.
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # As in FA-2, P is rounded to the storage dtype for the tensor-core matmul; the
-        # denominator l_i above uses the fp32 P.
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-    # Base-2 LSE of the base-2 logits: the backward recomputes P = exp2(S2 - LSE2) from
-    # exactly the same S2 (same dot, same fp32 multiplier), so no log/exp base
-    # conversion adds rounding at the logits' magnitude, which can be large.
-    tl.store(LSE2 + bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+        acc = acc / l_i[:, None]
+        o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+        # Base-2 LSE of the base-2 logits: the backward recomputes P = exp2(S2 - LSE2) from
+        # exactly the same S2 (same dot, same fp32 multiplier), so no log/exp base
+        # conversion adds rounding at the logits' magnitude, which can be large.
+        tl.store(LSE2 + bh * L + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(
-    O, DO, DELTA,
+def _bwd_one_block_kernel(
+    Q, K, V, O, DO, LSE2, DQ, DK, DV,
+    sq_b, sq_h, sq_l,
+    sk_b, sk_h, sk_l,
+    sv_b, sv_h, sv_l,
     so_b, so_h, so_l,
     sdo_b, sdo_h, sdo_l,
-    H, L,
+    sdq_b, sdq_h, sdq_l,
+    sdk_b, sdk_h, sdk_l,
+    sdv_b, sdv_h, sdv_l,
+    H, L, BH, scale, qk_scale_log2,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # The whole sequence in one tile (L <= BLOCK): one program owns every query and key of
+    # its (batch, head), so delta, dQ, dK and dV come from one pass and one launch, with
+    # no atomics (FA-2 Alg. 2 with a single outer and inner block).
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    ok = offs < L
+    for g in range(GROUP):
+        bh_raw = tl.program_id(0) * GROUP + g
+        bh = tl.minimum(bh_raw, BH - 1)
+        b = bh // H
+        h = bh % H
+        st_ok = ok & (bh_raw < BH)
+        q = tl.load(Q + b * sq_b + h * sq_h + offs[:, None] * sq_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+        k = tl.load(K + b * sk_b + h * sk_h + offs[:, None] * sk_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs[:, None] * sv_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.load(O + b * so_b + h * so_h + offs[:, None] * so_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + offs[:, None] * sdo_l + offs_d[None, :],
+                     mask=ok[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + bh * L + offs, mask=ok, other=0.0)
+        # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij (FA-2 Alg. 2, line 4).
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(ok[:, None] & ok[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        tl.store(DQ + b * sdq_b + h * sdq_h + offs[:, None] * sdq_l + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=st_ok[:, None])
+        tl.store(DK + b * sdk_b + h * sdk_h + offs[:, None] * sdk_l + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=st_ok[:, None])
+        tl.store(DV + b * sdv_b + h * sdv_h + offs[:, None] * sdv_l + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=st_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, O, DO, LSE2, DELTA, DQ,
+    sq_b, sq_h, sq_l,
+    sk_b, sk_h, sk_l,
+    sv_b, sv_h, sv_l,
+    so_b, so_h, so_l,
+    sdo_b, sdo_h, sdo_l,
+    sdq_b, sdq_h, sdq_l,
+    H, L, BH, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij (FA-2 Alg. 2, line 4).
+    # One program per query block, sweeping keys: dQ without atomics. It also computes
+    # delta_i = sum_d dO_id O_id for its own rows (FA-2 Alg. 2, line 4) and stores it for
+    # the dK/dV pass launched after it, so no separate pre-processing launch reads dO.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
-    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    row_in = offs_m < L
+    for g in range(GROUP):
+        bh_raw = tl.program_id(1) * GROUP + g
+        bh = tl.minimum(bh_raw, BH - 1)
+        b = bh // H
+        h = bh % H
+        row_ok = row_in & (bh_raw < BH)
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
+                    mask=row_in[:, None], other=0.0)
+        o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :],
+                    mask=row_in[:, None], other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :],
+                     mask=row_in[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_in, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * L + offs_m, delta, mask=row_ok)
+        dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+        k_base = K + b * sk_b + h * sk_h
+        v_base = V + b * sv_b + h * sv_h
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + offs_n0
+            col_ok = offs_n < L
+            k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(row_in[:, None] & col_ok[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+        dq = dq * scale
+        tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_l + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -124,105 +238,56 @@ def _bwd_dkdv_kernel(
     sdo_b, sdo_h, sdo_l,
     sdk_b, sdk_h, sdk_l,
     sdv_b, sdv_h, sdv_l,
-    H, L, scale, qk_scale_log2,
+    H, L, BH, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # One program owns a block of keys and sweeps all queries, so dK and dV are written
     # once, without atomics (FA-2 Alg. 2, outer loop over key blocks).
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    col_ok = offs_n < L
+    col_in = offs_n < L
+    for g in range(GROUP):
+        bh_raw = tl.program_id(1) * GROUP + g
+        bh = tl.minimum(bh_raw, BH - 1)
+        b = bh // H
+        h = bh % H
+        col_ok = col_in & (bh_raw < BH)
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :],
+                    mask=col_in[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_l + offs_d[None, :],
+                    mask=col_in[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
 
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_l + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        q_base = Q + b * sq_b + h * sq_h
+        do_base = DO + b * sdo_b + h * sdo_h
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < L
+            q = tl.load(q_base + offs_m[:, None] * sq_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdo_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+            # Transposed tile: rows are keys, columns are queries, P^T = exp2(S2^T - LSE2).
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2
+            p_t = tl.exp2(s_t - lse2[None, :])
+            p_t = tl.where(row_ok[None, :] & col_in[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-    q_base = Q + b * sq_b + h * sq_h
-    do_base = DO + b * sdo_b + h * sdo_h
-    for start_m in range(0, L, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < L
-        q = tl.load(q_base + offs_m[:, None] * sq_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdo_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-        # Transposed tile: rows are keys, columns are queries, P^T = exp2(S2^T - LSE2).
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2
-        p_t = tl.exp2(s_t - lse2[None, :])
-        p_t = tl.where(row_ok[None, :] & col_ok[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-
-    dk = dk * scale
-    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_l + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_l + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ,
-    sq_b, sq_h, sq_l,
-    sk_b, sk_h, sk_l,
-    sv_b, sv_h, sv_l,
-    sdo_b, sdo_h, sdo_l,
-    sdq_b, sdq_h, sdq_l,
-    H, L, scale, qk_scale_log2,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # A separate pass for dQ (one program per query block, sweeping keys) avoids the
-    # atomic adds a single fused backward kernel would need.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
-
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < L
-        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-    dq = dq * scale
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_l + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        dk = dk * scale
+        tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_l + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_l + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------
@@ -234,29 +299,76 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options for one kernel ("fwd" or "bwd").
+# Forward tiles measured on an H100 in bf16 (shared/measurements/h100-2026-11-25, TFLOP/s,
+# forward only; BLOCK_M x BLOCK_N, warps, stages):
+#   D=128, L=4096: 64x64 w4 s3 444 (SDPA 339; the earlier 64x64 w8 s2 gave 184)
+#   D=64, L=1024:  64x64 w4 s3 210 (earlier 128x64 w8 s3: 205, within noise)
+#   D=64, L=256:   128x64 w4 s4 36 (earlier 34; every configuration tried gave 20-36)
+#   D=64, L=4096:  128x64 w8 s3 340 (SDPA 278), kept.
+# Every other entry is unmeasured: the nearest measured rule, marked as such.
+_FWD_TABLE = {
+    # (D, L upper bound) -> (BLOCK_M, BLOCK_N, warps, stages); 16-bit storage
+    (32, 256): (128, 64, 4, 4),      # unmeasured: the D=64 L=256 entry
+    (32, 1024): (64, 64, 4, 3),      # unmeasured: the D=64 L=1024 entry
+    (32, None): (128, 64, 8, 3),     # unmeasured: the D=64 L=4096 entry
+    (64, 256): (128, 64, 4, 4),      # measured, L=256
+    (64, 1024): (64, 64, 4, 3),      # measured, L=1024
+    (64, None): (128, 64, 8, 3),     # measured, L=4096
+    (128, None): (64, 64, 4, 3),     # measured, L=4096
+}
 
-    The interpreter gets one small fixed config: it is a correctness mode, and 16-wide
-    tiles make the tests exercise multi-block loops and masked tails at small L.
-    On GPU this is a table keyed by L and D, chosen for the U-Net shapes (L = 64, 256,
-    1024; D = 64). These are starting points from the usual FA-2 shapes for Hopper-class
-    shared memory; they have not yet been tuned by measurement (see bench/).
+
+@functools.lru_cache(maxsize=1024)
+def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options for one kernel: "fwd", "bwd" or "bwd1" (one-tile backward).
+
+    The interpreter gets small fixed tiles: it is a correctness mode, and 16-wide tiles make
+    the tests exercise multi-block loops and masked tails at small L, the one-block paths at
+    L <= 16 and (GROUP=2) the merged (batch, head) loop with its masked trailing program.
+    On a GPU the forward follows _FWD_TABLE; a sequence no longer than one key block
+    (L <= 64, the U-Net's 8 x 8) is a single tile. The backward entries are unmeasured.
+
+    GROUP is 1 on a GPU until a measurement says otherwise: compiled for sm_90 (ptxas -v,
+    no GPU needed), GROUP=2 raises the one-tile forward at L=64 from 122 to 255 registers
+    per thread with 4 warps (232-404 bytes spilled) and the one-tile backward from 143 to 255
+    with 656 bytes spilled; the merged loop becomes the pipelined loop. bench/ has rows
+    (triton-g2, triton-g4) to measure it; override_config sets it.
     """
+    one = max(16, _next_pow2(L))  # one tile that covers the whole sequence
     if INTERPRETED:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32 or D == 128  # twice the bytes per tile: use smaller tiles
-    # Never launch tiles much longer than the sequence itself (L = 64 at the U-Net's 8x8).
-    cap = max(16, _next_pow2(L))
+        if kind == "bwd1":
+            return dict(BLOCK=16, num_warps=4, num_stages=1, GROUP=2)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, GROUP=2)
+        return dict(cfg, ONE_BLOCK=L <= 16) if kind == "fwd" else cfg
+    wide = dtype == torch.float32  # twice the bytes per tile: smaller tiles
     if kind == "fwd":
-        bm, bn = (64, 64) if wide else (128, 64)
-        warps = 8 if bm * D >= 128 * 64 else 4
-        stages = 2 if wide else 3
-    else:
-        bm, bn = (32, 64) if wide else (64, 64)
-        warps = 4
-        stages = 2
-    return dict(BLOCK_M=min(bm, cap), BLOCK_N=min(bn, cap), num_warps=warps, num_stages=stages)
+        if wide:  # fp32 storage (IEEE products, no tensor cores). Speed unmeasured; the
+            # earlier 64x64 tiles spilled 764-14672 bytes per thread in an sm_90 build
+            # (kernels/_build_check.py), these none.
+            bm, bn, warps, stages = (64, 32, 8, 2) if D == 128 else (32, 32, 4, 2)
+        elif L <= 64:  # one tile covers the whole sequence (unmeasured)
+            bm, bn, warps, stages = one, one, 4, 2
+        else:
+            bm, bn, warps, stages = next(cfg for (d, top), cfg in _FWD_TABLE.items()
+                                         if d == D and (top is None or L <= top))
+        bm, bn = min(bm, one), min(bn, one)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, GROUP=1, ONE_BLOCK=L <= bn)
+    if kind == "bwd1":  # unmeasured; sm_90 build: 143 registers, no spills at 8 warps (205 at 4)
+        return dict(BLOCK=one, num_warps=8, num_stages=1, GROUP=1)
+    # Unmeasured: the earlier backward tiles; at D=128 8 warps, as the dK/dV pass spilled
+    # 80 bytes per thread at 4 (sm_90 build, ptxas -v) and none at 8; fp32 at 32x32, as the
+    # earlier 32x64 spilled 192-740 bytes.
+    bm, bn = (32, 32) if wide else (32, 64) if D == 128 else (64, 64)
+    warps = 8 if D == 128 else 4
+    return dict(BLOCK_M=min(bm, one), BLOCK_N=min(bn, one), num_warps=warps, num_stages=2, GROUP=1)
+
+
+def _one_block_backward(L: int, D: int, dtype: torch.dtype) -> bool:
+    # Six L x D tiles plus four L x L fp32 tiles live in one program: keep that to L <= 64
+    # in 16-bit storage (the U-Net's 8 x 8); the interpreter uses it up to its tile of 16.
+    if INTERPRETED:
+        return L <= 16
+    return L <= 64 and D <= 64 and dtype != torch.float32
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -314,16 +426,43 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+_OVERRIDES: dict = {}
+
+
+@contextlib.contextmanager
+def override_config(kind: str, L: int, D: int, dtype: torch.dtype, **cfg):
+    """Within the block, launch `kind` ("fwd", "bwd", "bwd1") at (L, D, dtype) with `cfg`
+    (BLOCK_M, BLOCK_N or BLOCK, num_warps, num_stages, GROUP) replacing the table's entries:
+    for tuning rows in bench/, so a measured configuration can then go into the table."""
+    key = (kind, L, D, dtype)
+    base = dict(_config(kind, L, D, dtype))
+    unknown = set(cfg) - set(base)
+    if unknown:
+        raise ValueError(f"override_config: unknown keys {sorted(unknown)}; {kind} takes {sorted(base)}")
+    _OVERRIDES[key] = dict(base, **cfg)
+    try:
+        yield
+    finally:
+        del _OVERRIDES[key]
+
+
+def _launch_cfg(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
+    """The table's configuration, or an override_config one."""
+    return _OVERRIDES.get((kind, L, D, dtype)) or _config(kind, L, D, dtype)
+
+
 def _forward(q, k, v, scale):
     B, H, L, D = q.shape
-    o = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    # o is written in (B, L, H, D) memory and returned as its (B, H, L, D) view: the U-Net
+    # folds the heads back into channels with a free reshape instead of a copy.
+    o = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse2 = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    cfg = _config("fwd", L, D, q.dtype)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    cfg = _launch_cfg("fwd", L, D, q.dtype)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(B * H, cfg["GROUP"]))
     _fwd_kernel[grid](
         q, k, v, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, L, scale * _LOG2E,
+        H, L, B * H, scale * _LOG2E,
         D=D, PRECISION=_precision(q.dtype), **cfg,
     )
     return o, lse2
@@ -332,25 +471,33 @@ def _forward(q, k, v, scale):
 def _backward(q, k, v, o, lse2, do, scale):
     B, H, L, D = q.shape
     do = _unit_last(do)
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = _config("bwd", L, D, q.dtype)
     prec = _precision(q.dtype)
-    pre_block = cfg["BLOCK_M"]
-    _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, L, D=D, BLOCK_M=pre_block,
+    BH = B * H
+    if _one_block_backward(L, D, q.dtype):
+        cfg = _launch_cfg("bwd1", L, D, q.dtype)
+        _bwd_one_block_kernel[(triton.cdiv(BH, cfg["GROUP"]),)](
+            q, k, v, o, do, lse2, dq, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
+            *_strides(dq), *_strides(dk), *_strides(dv),
+            H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
+        )
+        return dq, dk, dv
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    cfg = _launch_cfg("bwd", L, D, q.dtype)
+    n_m, n_n = triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(L, cfg["BLOCK_N"])
+    # dQ first: it also writes delta, which the dK/dV pass reads (same stream, in order).
+    _bwd_dq_kernel[(n_m, triton.cdiv(BH, cfg["GROUP"]))](
+        q, k, v, o, do, lse2, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
+        H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
     )
-    _bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
+    _bwd_dkdv_kernel[(n_n, triton.cdiv(BH, cfg["GROUP"]))](
         q, k, v, do, lse2, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, L, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
-    )
-    _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse2, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, L, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
+        H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
     )
     return dq, dk, dv
 
@@ -370,6 +517,48 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse2 = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse2, do, ctx.scale)
         return dq, dk, dv, None
+
+
+# The same forward and backward as torch.library custom ops, for torch.compile: dynamo cannot
+# trace into a Triton launch in every setting (not at all under the interpreter), while a
+# custom op is opaque to it, so a compiled network keeps one graph around the kernels.
+# Eager calls keep the autograd.Function above: a custom op's dispatch costs host time
+# (launch-bound short sequences are where the kernels need every microsecond).
+@torch.library.custom_op("wgfcore::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, scale):
+    B, H, L, D = q.shape
+    return q.new_empty((B, L, H, D)).transpose(1, 2), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("wgfcore::attention_bwd", mutates_args=())
+def _attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
+                      do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, o, lse2, do, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(q, k, v, o, lse2, do, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _op_backward(ctx, do, _dlse2):
+    q, k, v, o, lse2 = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(q, k, v, o, lse2, do, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
@@ -392,4 +581,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale defaults to 1/sqrt(D). Accumulation is in float32; memory is O(B H L D).
     """
     scale = _check_inputs(q, k, v, scale)
-    return _FlashAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if torch.compiler.is_compiling():
+        return _attention_fwd_op(q, k, v, scale)[0]
+    return _FlashAttention.apply(q, k, v, scale)

@@ -54,28 +54,57 @@ def run_all(q, k, v, do, scale, effective_scale):
     return out
 
 
+# Accuracy of the GPU's fp32 exp2 and log2 (PTX `ex2.approx` / `lg2.approx`, which Triton's
+# tl.exp2 / tl.log2 lower to): about 2 ulp, so 2^-22 (= 4 u32) is taken as their error bound,
+# relative for exp2 and absolute (in base-2 units) for log2. numpy's fp32 exp2/log2, which the
+# interpreter runs, are within 1 ulp, so one bound serves both.
+E_EXP2 = E_LOG2 = 2.0 ** -22
+
+
 def error_floors(q, k, v, do, scale, ref, dtype):
     """Absolute floors added to the 2x-PyTorch bound, one per checked quantity.
 
     First-order rounding analysis of the steps where the FA-2 algorithm necessarily
-    differs from torch's math path (Dao 2023, Alg. 2); all are fp32-sized, so they only
-    matter for fp32 storage, and for fp16 the 2x rule alone decides.
+    differs from torch's math path (Dao 2023, Alg. 1 and 2); all are fp32-sized, so they
+    only matter for fp32 storage, and for fp16 the 2x rule alone decides. u = U32 is the
+    fp32 unit roundoff. A dot product x.y of length n carries an error of about
+    sqrt(n) u |x|.|y| (Higham, Accuracy and Stability of Numerical Algorithms, sec. 3.1 and
+    its probabilistic sqrt(n) rule).
 
-    (1) Storage rounding, all outputs: the result is rounded to the storage dtype (half
-        an ulp at its magnitude); we allow one ulp of max(1, |ref|). Torch can be exact by
-        luck (L = 1: softmax backward gives dQ = dK = 0 exactly) and 2 x 0 is no bound.
+    (1) Storage rounding, o and the gradients: the result is rounded to the storage dtype
+        (half an ulp at its magnitude); we allow one ulp of max(1, |ref|). Torch can be
+        exact by luck (L = 1: softmax backward gives dQ = dK = 0 exactly) and 2 x 0 is no
+        bound.
     (2) Backward only: P is recomputed as exp(S - LSE) from the fp32 LSE saved by the
         forward pass, whose rounding perturbs P_ij relatively by about
-        u32 (|S_ij| + |LSE_i|) -- large logits make this the dominant fp32 error.
+        u (|S_ij| + |LSE_i|) -- large logits make this the dominant fp32 error.
         It enters dV = P^T dO, and dS = P * (dP - delta).
     (3) dQ, dK only: dS uses delta = rowsum(dO * O) against dP = dO V^T, a cancellation of
-        two fp32 dot products of length D. A dot product x.y carries an error of about
-        sqrt(D) u32 |x|.|y| (Higham, Accuracy and Stability of Numerical Algorithms,
-        sec. 3.1 and its probabilistic sqrt(n) rule), so dP - delta is off by about
-        sqrt(D) u32 (|dO| |V|^T + rowsum(|dO| |O|)).
+        two fp32 dot products of length D: dP - delta is off by about
+        sqrt(D) u (|dO| |V|^T + rowsum(|dO| |O|)).
+    (4) lse only (always fp32), which is first order in the logits and, at small L, a
+        statistic of very few dot products: at L = 1, lse_i = S_ii is one dot product,
+        and torch's error on it can be far below the dot product's error scale by luck
+        (seen: torch 1.4e-7, kernel 8.2e-7, scale 1.1e-5), so 2x torch is no bound there.
+        The kernel computes lse = (m + log2 l) ln 2 from base-2 logits
+        S2_ij = fl(fl(q_i.k_j) fl(scale log2 e)), m = max_j S2_ij, l = sum_j 2^(S2_ij - m):
+        (a) its own dot products, in its own summation order, and the rounded constant
+            and product: |dS_ij| <= scale sqrt(D) u |q_i|.|k_j| + 2 u |S_ij|; lse moves
+            by sum_j P_ij dS_ij (d lse / d S_ij = P_ij);
+        (b) at lse's magnitude, the add m + log2 l, ln 2 rounded to fp32 and the product:
+            3 u |lse_i|;
+        (c) at magnitude one: l's relative error, which is lse's absolute error. The
+            GPU's exp2 (PTX ex2.approx, about 2 ulp; E_EXP2), the rounded differences
+            S2_ij - m (a P-weighted mean of u |S2_ij - m|, at most u log2 L) and the
+            fp32 sum of L terms (sqrt(L) u); then log2's own error, E_LOG2 in base 2,
+            that is ln 2 E_LOG2 in lse.
+        This term replaces (1) for lse: (b) already counts the rounding to fp32.
+        Why not for o: at L = 1, o = v exactly whatever the logits; otherwise o depends
+        on the logits only through P's spread, and torch's own dot products over the
+        B H L D outputs set its bound.
     """
     q, k, v, do = (x.double() for x in (q, k, v, do))
-    D = q.shape[-1]
+    L, D = q.shape[-2], q.shape[-1]
     s = (q @ k.transpose(-1, -2)) * scale
     p = torch.softmax(s, dim=-1)
     dp = do @ v.transpose(-1, -2)
@@ -88,6 +117,10 @@ def error_floors(q, k, v, do, scale, ref, dtype):
     floors["dv"] += (p_err.transpose(-1, -2) @ do.abs()).max().item()
     floors["dq"] += scale * (ds_err @ k.abs()).max().item()
     floors["dk"] += scale * (ds_err.transpose(-1, -2) @ q.abs()).max().item()
+    logit_err = scale * math.sqrt(D) * U32 * (q.abs() @ k.abs().transpose(-1, -2)) + 2 * U32 * s.abs()  # (4a)
+    l_rel = E_EXP2 + U32 * (math.log2(L) + math.sqrt(L))  # (4c)
+    lse_floor = (p * logit_err).sum(-1) + 3 * U32 * ref["lse"].abs() + l_rel + math.log(2) * E_LOG2
+    floors["lse"] = lse_floor.max().item()
     return floors
 
 
@@ -206,3 +239,50 @@ def test_bf16_on_interpreter_is_rejected_clearly():
     x = _t(1, 1, 8, 32, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="interpreter has no bfloat16"):
         attention(x, x, x)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_head_grouping_is_bitwise_neutral(group):
+    # Merging (batch, head) pairs per program (GROUP) changes which program computes a pair,
+    # not the arithmetic: outputs and gradients must be bitwise those of the default
+    # configuration, including a trailing program whose pairs run past B*H (5 pairs, 3 per
+    # program). L=20 takes the two-kernel backward, L=9 the one-tile backward.
+    from kernels.attention import override_config
+
+    for L in (9, 20):
+        q, k, v, do = make_inputs(1, 5, L, 32, torch.float32, seed=L)
+        base = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
+        bwd = "bwd1" if L <= 16 else "bwd"
+        with override_config("fwd", L, 32, torch.float32, GROUP=group), \
+                override_config(bwd, L, 32, torch.float32, GROUP=group):
+            got = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
+        for name in ("o", "lse", "dq", "dk", "dv"):
+            assert torch.equal(got[name], base[name]), (name, L, group)
+
+
+def test_override_config_rejects_unknown_keys():
+    from kernels.attention import override_config
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        with override_config("fwd", 8, 32, torch.float32, BLOCK=32):
+            pass
+
+
+def test_kernels_build_for_sm90_without_a_gpu():
+    # The interpreter never runs Triton's compiler; this builds the attention and GroupNorm
+    # kernels at their GPU launch configurations for an H100 target (sm_90) with the wheel's
+    # own compiler and ptxas, in a process with TRITON_INTERPRET=0 (kernels/_build_check.py).
+    # A front-end or lowering error that only a GPU build would show fails here.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "kernels._build_check", "--quick"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("attention ") for line in lines) == 5  # fwd, bwd1; fwd, dq, dkdv
+    assert sum(line.startswith("groupnorm ") for line in lines) == 4  # fwd, bwd at 2 shapes

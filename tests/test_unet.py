@@ -6,9 +6,13 @@ import re
 import pytest
 import torch
 
+import kernels
 from wgfcore.nets import ATTENTION_BACKENDS, MLP, PRESETS, UNet
 
 F32_EPS = torch.finfo(torch.float32).eps
+# Follow the device as tests/test_attention.py does: the Triton kernels refuse CPU tensors
+# when a GPU is present (they are compiled for it), and run on CPU only in the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRETED else "cpu"
 
 
 def randomised(net: UNet, seed: int = 0) -> UNet:
@@ -28,7 +32,7 @@ def run(net, x, t):
     x = x.clone().requires_grad_()
     out = net(x, t)
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
     (out * w).sum().backward()
     grads = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in net.parameters()])
     net.zero_grad(set_to_none=True)
@@ -41,8 +45,8 @@ def tiny_setup():
     net = randomised(UNet.from_preset("tiny")).eval()
     x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([0.05, 0.7])
-    ref = run(copy.deepcopy(net).double(), x.double(), t.double())  # fp64 "math" network
-    return net, x, t, ref
+    ref = run(copy.deepcopy(net).double(), x.double(), t.double())  # fp64 "math" network, on CPU
+    return net.to(DEVICE), x.to(DEVICE), t.to(DEVICE), ref
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
@@ -58,6 +62,8 @@ def test_backends_agree_with_math_in_output_and_gradients(tiny_setup, backend):
     out_b, grad_b = run(net.set_attention_backend(backend), x, t)
     assert net.attention_backend == backend
     assert out_b.shape == x.shape
+    assert out_b.device.type == DEVICE
+    out_math, grad_math, out_b, grad_b = (z.cpu() for z in (out_math, grad_math, out_b, grad_b))
     for name, got, base, ref in (("output", out_b, out_math, out_ref), ("gradient", grad_b, grad_math, grad_ref)):
         err_b = (got - ref).abs().max().item()
         err_math = (base - ref).abs().max().item()
@@ -77,7 +83,7 @@ def test_attention_blocks_are_live(tiny_setup):
     blocks[0].attend = lambda q, k, v: v
     try:
         with torch.no_grad():
-            changed = net(x, t).double()
+            changed = net(x, t).double().cpu()
     finally:
         blocks[0].attend = original
     assert (changed - out_ref).abs().max().item() > 1e-3
@@ -174,3 +180,117 @@ def test_triton_backend_rejects_unsupported_head_dim():
 
 def test_mlp_is_exported():
     assert MLP.__module__ == "wgfcore.nets.mlp"
+
+
+def _small_fused_net():
+    # The smallest network that has every fused piece: ResBlocks with scale-shift norms,
+    # attention at 4 x 4 (L = 16, head dim 32), and the output norm. The interpreter is slow:
+    # groups of one channel and 16 positions keep a forward+backward to seconds.
+    torch.manual_seed(0)
+    net = UNet(4, 1, model_channels=32, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(4,),
+               head_channels=32, resample="conv")
+    return randomised(net).eval()
+
+
+def test_fused_kernels_agree_with_math_in_output_and_gradients():
+    # set_kernels("fused"): Triton attention, fused GroupNorm + scale-shift + SiLU, token-layout
+    # qkv. Same principled tolerance as the attention backends above: at most twice the fp32
+    # "math" network's error against the fp64 one, plus one fp32 ulp at the output scale.
+    pytest.importorskip("triton")
+    net = _small_fused_net()
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([0.1, 0.8])
+    out_ref, grad_ref = run(copy.deepcopy(net).double(), x.double(), t.double())
+    net = net.to(DEVICE)
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    out_math, grad_math = run(net, x, t)
+    assert net.kernels == "custom"  # a fresh net: math attention, torch norms
+    out_f, grad_f = run(net.set_kernels("fused"), x, t)
+    assert net.kernels == "fused" and net.attention_backend == "triton"
+    for name, got, base, ref in (("output", out_f, out_math, out_ref), ("gradient", grad_f, grad_math, grad_ref)):
+        got, base = got.cpu(), base.cpu()
+        err_f = (got - ref).abs().max().item()
+        err_math = (base - ref).abs().max().item()
+        floor = F32_EPS * max(1.0, ref.abs().max().item())
+        assert err_f <= 2 * err_math + floor, f"fused {name}: {err_f:.3e} vs math {err_math:.3e}"
+
+
+def test_set_kernels_torch_path_is_todays_ops_and_switches_back():
+    # The torch path of the GroupNorm subclass is exactly the ops the network used before
+    # (group_norm, scale-shift, SiLU), bitwise; set_kernels("torch") uses SDPA attention.
+    from wgfcore.nets.unet import GroupNorm
+
+    torch.manual_seed(1)
+    norm = GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x, s, sh = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 1, 1), torch.randn(2, 8, 1, 1)
+    gn = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(norm(x), gn)
+    assert torch.equal(norm(x, act=True), torch.nn.functional.silu(gn))
+    assert torch.equal(norm(x, s, sh, act=True), torch.nn.functional.silu(gn * (1 + s) + sh))
+    assert set(norm.state_dict()) == {"weight", "bias"}
+
+    net = UNet.from_preset("tiny")
+    keys = set(net.state_dict())
+    net.set_kernels("torch")
+    assert net.kernels == "torch" and net.attention_backend == "sdpa"
+    assert set(net.state_dict()) == keys
+    with pytest.raises(ValueError, match=r"choose from \('torch', 'fused'\)"):
+        net.set_kernels("triton")
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        net.set_kernels("torch", channels_last="yes")
+    net.set_attention_backend("math")
+    assert net.kernels == "custom"
+
+
+def test_set_kernels_fused_rejects_unsupported_head_dim_before_switching():
+    pytest.importorskip("triton")
+    net = UNet.from_preset("tiny", head_channels=16)
+    with pytest.raises(ValueError, match="head_channels in"):
+        net.set_kernels("fused")
+    assert net.kernels == "custom" and net.attention_backend == "math"
+
+
+def test_channels_last_keeps_the_function_and_the_callers_format():
+    # Torch path in NHWC memory: the same function, where only the convolutions' summation
+    # order may change, so the tolerance of the backend test above (2x the contiguous fp32
+    # network's error against fp64, plus one ulp); parameters converted in place, and the
+    # output in the input's memory format.
+    torch.manual_seed(0)
+    net = randomised(UNet.from_preset("tiny", in_channels=3)).eval().set_kernels("torch")
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(x.double(), t.double())
+        base = net(x, t).double()
+    params = [p for p in net.parameters()]
+    with torch.no_grad():
+        net.set_kernels("torch", channels_last=True)
+        assert net.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert [p for p in net.parameters()] == params  # same Parameter objects
+        out = net(x, t)
+        out_cl = net(x.contiguous(memory_format=torch.channels_last), t)
+    assert out.is_contiguous()
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_cl)
+    err, err_base = (out.double() - ref).abs().max().item(), (base - ref).abs().max().item()
+    assert err <= 2 * err_base + F32_EPS * max(1.0, ref.abs().max().item()), (err, err_base)
+    net.set_kernels("torch")
+    assert net.input_conv.weight.is_contiguous() and not net.channels_last
+
+
+def test_fused_network_composes_with_torch_compile():
+    # The Triton kernels are torch.library custom ops under torch.compile (opaque to dynamo),
+    # so a fused network compiles as one graph (fullgraph=True fails on any graph break).
+    # "aot_eager" traces forward and backward exactly as inductor would but runs them eagerly:
+    # it needs no C++ compiler, and on CPU the kernels themselves run in the interpreter.
+    # Output and gradients must agree with the eager fused network to the tolerance above.
+    pytest.importorskip("triton")
+    net = _small_fused_net().set_kernels("fused").to(DEVICE)
+    x, t = torch.randn(2, 1, 4, 4, device=DEVICE), torch.tensor([0.1, 0.8], device=DEVICE)
+    ref = run(copy.deepcopy(net).set_kernels("torch").cpu().double(), x.cpu().double(), t.cpu().double())
+    eager = run(net, x, t)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(net, backend="aot_eager", fullgraph=True), x, t)
+    for got, base, r in zip(compiled, eager, ref):
+        err, err_eager = (got.cpu() - r).abs().max().item(), (base.cpu() - r).abs().max().item()
+        assert err <= 2 * err_eager + F32_EPS * max(1.0, r.abs().max().item()), (err, err_eager)

@@ -4,6 +4,9 @@ Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis" (2021), sec. 
 App. A (the architecture Ghimire et al. use, their sec. 9 and App. B). Time is the forward
 time t in [0, 1] of ALGORITHMS §1. Attention is pluggable: "math" (the reference), "sdpa"
 (PyTorch) or "triton" (the fused kernel in kernels/attention.py, imported lazily).
+`UNet.set_kernels("fused")` switches a whole network to the Triton path: that attention, the
+fused GroupNorm + scale-shift + SiLU of kernels/groupnorm.py, and q, k, v in token layout so
+that no layout copy surrounds the attention kernel; `set_kernels("torch")` switches back.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "PRESETS", "ATTENTION_BACKENDS", "timestep_embedding"]
+__all__ = ["UNet", "PRESETS", "ATTENTION_BACKENDS", "KERNEL_MODES", "timestep_embedding", "scale_shift_norm"]
 
 ATTENTION_BACKENDS = ("math", "sdpa", "triton")
+KERNEL_MODES = ("torch", "fused")
 RESAMPLE_MODES = ("conv", "resblock")
 # Sinusoidal embedding of 1000 t: the DDPM/ADM networks were designed for integer steps in
 # [0, 1000), so this keeps their frequency range for continuous t in [0, 1].
@@ -34,11 +38,37 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+def scale_shift_norm(x, groups, weight, bias, scale=None, shift=None, eps=1e-5, act=True):
+    """act(group_norm(x) * (1 + scale) + shift), act = SiLU or the identity (ADM sec. 3).
+
+    The network's torch path, and the oracle of the fused kernel kernels/groupnorm.py, which
+    takes the same arguments. scale and shift: (B, C, 1, 1), both or neither.
+    """
+    h = F.group_norm(x, groups, weight, bias, eps)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h) if act else h
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state_dict) whose forward also applies the optional
+    scale-shift and SiLU, in torch or, with `fused = True`, in one Triton kernel."""
+
+    fused = False
+
+    def forward(self, x, scale=None, shift=None, act=False):
+        if self.fused:
+            from kernels.groupnorm import group_norm_act  # lazy: wgfcore runs without Triton
+
+            return group_norm_act(x, self.num_groups, self.weight, self.bias, scale, shift, self.eps, act)
+        return scale_shift_norm(x, self.num_groups, self.weight, self.bias, scale, shift, self.eps, act)
+
+
+def _group_norm(channels: int) -> GroupNorm:
     # ADM uses 32 groups; small presets may have fewer channels, so take the largest
     # group count <= 32 that divides the channels.
     groups = max(g for g in range(1, 33) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -93,12 +123,12 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x, emb):
-        h = F.silu(self.in_norm(x))
+        h = self.in_norm(x, act=True)
         h = self.in_conv(self._resample(h))
         x = self._resample(x)
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.out_norm(h) * (1 + scale) + shift
-        h = self.out_conv(self.dropout(F.silu(h)))
+        h = self.out_norm(h, scale, shift, act=True)
+        h = self.out_conv(self.dropout(h))
         return self.skip(x) + h
 
 
@@ -115,6 +145,9 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv1d(channels, channels, 1))
         self.backend = backend
+        # Token layout: q, k, v from one (B, L, 3C) matmul, viewed per head with unit stride
+        # along the head dim, and the output folded back with views; set by UNet.set_kernels.
+        self.token_layout = False
 
     def attend(self, q, k, v):
         """softmax(q k^T / sqrt(d)) v for (B, heads, L, d) tensors with the chosen backend."""
@@ -131,12 +164,29 @@ class AttentionBlock(nn.Module):
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
         L = H * W
+        if self.token_layout:
+            return self._forward_tokens(x)
         qkv = self.qkv(self.norm(x).reshape(B, C, L))
         # (B, 3C, L) -> three (B, heads, L, d) views, d contiguous-last after the transpose.
         q, k, v = qkv.transpose(1, 2).reshape(B, L, 3, self.heads, self.head_channels).permute(2, 0, 3, 1, 4)
         h = self.attend(q, k, v)  # (B, heads, L, d)
         h = h.permute(0, 1, 3, 2).reshape(B, C, L)
         return x + self.proj(h).reshape(B, C, H, W)
+
+    def _forward_tokens(self, x):
+        # The same function as forward() with the same parameters (a 1x1 Conv1d is a Linear
+        # on tokens). q, k, v are strided views of one (B, L, 3C) tensor with unit stride
+        # along the head dim, which the Triton kernel reads in place; its output is stored
+        # in (B, L, heads, d) memory, so folding heads into channels is a view; and for a
+        # channels_last x, (B, C, H, W) <-> (B, L, C) are views too.
+        B, C, H, W = x.shape
+        L = H * W
+        tokens = self.norm(x).reshape(B, C, L).transpose(1, 2)  # (B, L, C)
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, L, 3C)
+        q, k, v = qkv.view(B, L, 3, self.heads, self.head_channels).permute(2, 0, 3, 1, 4)
+        h = self.attend(q, k, v).transpose(1, 2).reshape(B, L, C)
+        out = F.linear(h, self.proj.weight.squeeze(-1), self.proj.bias)  # (B, L, C)
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
 
 
 class _Sequential(nn.ModuleList):
@@ -253,6 +303,7 @@ class UNet(nn.Module):
 
         self.out_norm = _group_norm(ch)
         self.out_conv = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.channels_last = False
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -286,6 +337,45 @@ class UNet(nn.Module):
             b.backend = name
         return self
 
+    def set_kernels(self, mode: str, channels_last: bool = False) -> "UNet":
+        """Switch the whole network's execution path; parameters and function are unchanged.
+
+        - "fused": Triton attention (kernels/attention.py), fused GroupNorm + scale-shift +
+          SiLU (kernels/groupnorm.py) and q, k, v in token layout: the path built to be the
+          fastest (its speed is not yet measured: bench/test_bench_unet.py has the rows).
+          Needs head_channels in kernels.attention.SUPPORTED_HEAD_DIMS, and CUDA tensors (or
+          the Triton interpreter on CPU).
+        - "torch": nn.GroupNorm + SiLU and PyTorch SDPA attention (the eager torch path).
+        channels_last: convolution weights and activations in NHWC memory (either mode); the
+        output keeps the input's memory format. Call this before building an optimizer's
+        state or a DDP wrapper: parameters are converted in place.
+        """
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"unknown kernel mode {mode!r}; choose from {KERNEL_MODES}")
+        if not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
+        fused = mode == "fused"
+        self.set_attention_backend("triton" if fused else "sdpa")  # validates head dims first
+        for m in self.modules():
+            if isinstance(m, GroupNorm):
+                m.fused = fused
+            elif isinstance(m, AttentionBlock):
+                m.token_layout = fused
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.channels_last = channels_last
+        return self
+
+    @property
+    def kernels(self) -> str:
+        """"fused" or "torch" as set by set_kernels, else "custom" (e.g. after set_attention_backend)."""
+        norms = {m.fused for m in self.modules() if isinstance(m, GroupNorm)}
+        attn = {(m.backend, m.token_layout) for m in self.modules() if isinstance(m, AttentionBlock)}
+        if norms == {True} and attn <= {("triton", True)}:
+            return "fused"
+        if norms == {False} and attn <= {("sdpa", False)}:
+            return "torch"
+        return "custom"
+
     @property
     def attention_backend(self) -> str:
         names = {m.backend for m in self.modules() if isinstance(m, AttentionBlock)}
@@ -309,6 +399,9 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check_inputs(x, t)
+        x_contiguous = x.is_contiguous()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         h = self.input_conv(x)
         hs = [h]
@@ -318,7 +411,9 @@ class UNet(nn.Module):
         h = self.middle(h, emb)
         for block in self.up:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        out = self.out_conv(self.out_norm(h, act=True))
+        # channels_last inside (set_kernels): hand back the caller's memory format.
+        return out.contiguous() if self.channels_last and x_contiguous else out
 
 
 def _check_backend(name):
