@@ -137,15 +137,15 @@ def test_reverse_probability_flow_on_a_mixture_is_the_monotone_map():
 
     def run(steps, backend=TorchSteps):
         x = reverse_sde(MIX1.score_fn(SDE), x1.clone(), time_grid(steps, eps), a=0.0, sde=SDE, denoise_last=False,
-                        steps=backend())
+                        step_backend=backend())
         return monotone_map_check(MIX1, u, x, eps, SDE)
 
     e1, e2 = run(125), run(250)
     assert e2 < 0.02 and 1.6 < e1 / e2 < 2.4
 
-    class DriftOff(TorchSteps):
-        def em(self, x, s, c_x, c_s, c_z, step):
-            return super().em(x, s, c_x, 1.03 * c_s, c_z, step)
+    class DriftOff(TorchSteps):  # the "em" table's columns are (c_x, c_s, c_z): scale the score's
+        def plan(self, x, tables):
+            return super().plan(x, {"em": tables["em"] * tables["em"].new_tensor([1.0, 1.03, 1.0])})
 
     assert run(250, DriftOff) > 10 * e2
 
@@ -162,11 +162,11 @@ def test_reverse_sde_family_on_a_mixture(a):
     x1 = MIX1.icdf(u, 1.0, SDE)
 
     def run(c_s=1.0, c_z=1.0):
-        class Backend(TorchSteps):
-            def em(self, x, s, cx, cs, cz, step):
-                return super().em(x, s, cx, c_s * cs, None if cz is None else c_z * cz, step)
+        class Backend(TorchSteps):  # the "em" table's columns are (c_x, c_s, c_z)
+            def plan(self, x, tables):
+                return super().plan(x, {"em": tables["em"] * tables["em"].new_tensor([1.0, c_s, c_z])})
         return reverse_sde(MIX1.score_fn(SDE), x1.clone(), time_grid(steps, eps), a=a, sde=SDE, denoise_last=False,
-                           steps=Backend(torch.Generator().manual_seed(7)))
+                           step_backend=Backend(torch.Generator().manual_seed(7)))
 
     def z(x):
         U = MIX1.cdf(x, eps, SDE)

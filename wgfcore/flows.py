@@ -241,7 +241,7 @@ def check_theorem2(mean, cov, a: float, n: int = 4000, steps: int = 1000, eps: f
     x1 = moment_matched_normal(n, m1, S1, g) if moment_matched else \
         GaussianMixture(m1[None], S1[None]).sample(n, g)
     ts = time_grid(steps, eps)
-    x = reverse_sde(data.score_fn(sde), x1, ts, a=a, sde=sde, denoise_last=False, steps=TorchSteps(g))
+    x = reverse_sde(data.score_fn(sde), x1, ts, a=a, sde=sde, denoise_last=False, step_backend=TorchSteps(g))
     return _check(x, *sde.gaussian_marginal(data.means[0], data.covs[0], eps))
 
 
