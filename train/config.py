@@ -186,6 +186,7 @@ SCHEMA = {
     "data_root": _str(),
     "compile": _compile,
     "eval": EVAL_SCHEMA,
+    "quick": _bool,  # set on --quick runs: untrained models, whose reports carry no verdicts
     "resumes": _anything,  # written by the trainer: what each resume changed
 }
 
@@ -285,6 +286,8 @@ def build(dataset: str, quick: bool, config_file, overrides: dict, seed: int | N
     if seed is not None:
         cfg["seed"] = seed
     cfg.setdefault("seed", 0)
+    if quick:
+        cfg["quick"] = True
     cfg.pop("_doc", None)
     return validate(cfg)
 

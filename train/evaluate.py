@@ -17,22 +17,29 @@ from wgfcore.sde import VPSDE
 from . import checkpoint as ckpt
 from . import distributed as D
 from .fid import Stats, frechet_distance
-from .generate import cells, draw
+from .generate import ROWS, cells, draw
 from .networks import build_nets
 from .plots import grid_scale, save_grid
 from .report import bootstrap_se, paired_difference, write_results
 
 
+#: paired comparisons (a minus b) at each N: the projection at equal steps, Predict-Project against EM
+#: at equal NFE, and more EM steps against fewer (a check that the table is monotone beyond noise)
+PAIRS = [("pp", "em"), ("pp", "em2n"), ("em2n", "em")]
+
+
 @torch.no_grad()
 def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, d: D.Dist | None = None, *,
              ecfg: dict | None = None, backend: str = "auto", progress: bool = True, prefix: str = "",
-             extra_rows: list | None = None):
+             extra_rows: list | None = None, verdicts: bool = True):
     """Fill the Table 1 grid: for every (row, N), draw ecfg['samples'] samples with the EMA networks,
     take `features`, and report the Fréchet distance to the reference statistics `ref` = (mu, sigma).
 
     Samples are drawn in batches whose seed depends only on the batch index (the same prior draws
     for every cell), and batches are dealt to ranks round-robin, so the numbers do not depend on the
     number of processes. Writes <prefix>results.csv/.md, a grid per cell and the metric-vs-NFE plot.
+    With a bootstrap, the PAIRS of cells are compared sample by sample (and, with `verdicts`, the
+    report says which differences are beyond noise; --quick runs are untrained and get none).
     """
     d = d or D.Dist()
     ecfg = ecfg or cfg["eval"]
@@ -41,7 +48,7 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
     proj_net.eval().to(d.device)
     bs = int(ecfg["batch"])
     n_boot = int(ecfg.get("bootstrap", 0))
-    kept_all = {}
+    kept_all, value_of = {}, {}
     todo = cells(ecfg)
     mine = {c["n"]: [b for b in range(math.ceil(c["n"] / bs)) if b % d.world == d.rank] for c in todo}
     results = []
@@ -79,17 +86,22 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
         r = dict(c, metric=features.name, value=value, se=se, n_samples=int(st.n),
                  seconds=round(time.time() - t0, 2))
         results.append(r)
+        value_of[(c["row"], c["N"])] = value
         bar.set_postfix_str(f"{c['row']} N={c['N']}: {value:.3f}")
     bar.close()
     paired = []
     for N in ecfg["steps"]:  # sample i of every cell starts from the same prior draw: compare in pairs
-        if ("em", N) in kept_all and ("pp", N) in kept_all:
-            diff, se = paired_difference(kept_all[("pp", N)], kept_all[("em", N)], ref, n_boot, int(cfg["seed"]))
-            paired.append({"row": "pp_minus_em", "label": "Predict-Project minus EM (paired)", "sampler": "difference",
-                           "N": int(N), "steps": int(N), "nfe": "", "delta_p": None, "metric": features.name,
-                           "value": diff, "se": se, "n_samples": kept_all[("pp", N)].shape[0], "seconds": 0.0})
+        for a, b in PAIRS:
+            if (a, N) in kept_all and (b, N) in kept_all:
+                diff, se = paired_difference(kept_all[(a, N)], kept_all[(b, N)], ref, n_boot, int(cfg["seed"]))
+                paired.append({"row": f"{a}_minus_{b}", "label": f"{ROWS[a][0]} minus {ROWS[b][0]} (paired)",
+                               "sampler": "difference", "N": int(N), "steps": int(N), "nfe": "", "delta_p": None,
+                               "metric": features.name, "value": diff, "se": se,
+                               "n_samples": kept_all[(a, N)].shape[0], "seconds": 0.0,
+                               "scale": (value_of[(a, N)] + value_of[(b, N)]) / 2})
     if d.main:
-        write_results(results + paired + (extra_rows or []), out_dir, prefix, cfg, ecfg, features.name)
+        write_results(results + paired + (extra_rows or []), out_dir, prefix, cfg, ecfg, features.name,
+                      verdicts=verdicts)
     return results + paired
 
 

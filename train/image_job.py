@@ -211,12 +211,12 @@ def _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir) -> int:
         if d.main:
             print(f"digits classifier (features of digits-FD): test accuracy {acc:.3f}", file=sys.stderr)
         evaluate(cfg, eps_ema, proj_ema, feats, ref, run_dir, d, backend=backend, progress=progress,
-                 extra_rows=extra)
+                 extra_rows=extra, verdicts=not cfg.get("quick"))
     else:
         feats = InceptionFeatures(build_inception(args.inception_weights, device=d.device), d.device)
         ref = fid_reference(cfg, feats, d, cache_dir, int(cfg["eval"].get("ref_samples", 50_000)), progress)
         evaluate(cfg, eps_ema, proj_ema, feats, ref, run_dir, d, backend=backend, progress=progress,
-                 )
+                 verdicts=not cfg.get("quick"))
     t_eval = time.time() - t1
     if d.main:
         timing = {"train_seconds": round(t_train, 1), "eval_seconds": round(t_eval, 1), "device": str(d.device),
@@ -280,13 +280,13 @@ def eval_job(args, d) -> int:
                 n_ref = args.ref_samples or int(ecfg.get("ref_samples", 50_000))
                 ref = fid_reference(cfg, feats, d, cache_dir, n_ref, progress)
             evaluate(cfg, eps_net, proj_net, feats, ref, run, d, ecfg=ecfg, backend=backend, progress=progress,
-                     prefix="fid_")
+                     prefix="fid_", verdicts=not cfg.get("quick"))
             out = run / "fid_results.md"
         else:
             feats, ref, extra, _ = digits_metric(cfg, cache_dir, d, progress and d.main,
                                                  n_floor=sorted({c["n"] for c in cells(ecfg)}))
             evaluate(cfg, eps_net, proj_net, feats, ref, run, d, ecfg=ecfg, backend=backend, progress=progress,
-                     extra_rows=extra)
+                     extra_rows=extra, verdicts=not cfg.get("quick"))
             out = run / "results.md"
     finally:
         if lock is not None:

@@ -28,7 +28,7 @@ from .generate import cells
 from .loss import JointObjective, ProjectionObjective
 from .networks import EMA, build_nets, check_compile, compiled
 from .plots import plot_losses, plot_metric, toy_scatter
-from .report import toy_markdown, write_csv
+from .report import toy_markdown, toy_verdicts, write_csv
 from .rundir import LossLog, claim_new, write_json
 from .training_loop import loop, loss_fields, make_optimizer
 
@@ -107,6 +107,23 @@ def evaluate_toy(score_fn, proj_fn, cfg: dict, ref, d, label: str, progress: boo
     return rows, samples
 
 
+def paired_seeds(score_fn, proj_fn, cfg: dict, ref, d, rows: list, progress: bool = True) -> dict:
+    """W2 per sampling seed of the cells the verdicts compare (pp, em, em2n at every N): seed 0 is the
+    main table's; seed s > 0 draws new prior samples and noise, the same for the three cells."""
+    keep = {"pp", "em", "em2n"}
+    per_seed = {(r["row"], r["N"]): [r["value"]] for r in rows if r["row"] in keep}
+    S = int(cfg["eval"].get("seeds", 1))
+    todo = [c for c in cells(cfg["eval"]) if c["row"] in keep]
+    for s in tqdm(range(1, S), desc="paired seeds", disable=not progress):
+        for c in todo:
+            with torch.no_grad():
+                x = sample(score_fn, (c["n"], 2), c["steps"], sampler=c["sampler"],
+                           proj_fn=proj_fn if c["sampler"] == "predict_project" else None, delta_p=c["delta_p"],
+                           seed=cfg["seed"] + 1 + 7919 * s, device=d.device)
+            per_seed[(c["row"], c["N"])].append(w2_empirical(x.cpu(), ref))
+    return per_seed
+
+
 def toy_job(args, d) -> int:
     if args.resume:
         raise UsageError("--resume: the gmm job runs in minutes and does not resume; start it again "
@@ -132,9 +149,11 @@ def _run(cfg: dict, out: Path, args, d) -> int:
     sde, data = VPSDE(), kwon_mixture()
 
     eps_net, proj_net = train_toy(cfg, out, d, data, sde, progress=progress)
-    score_learned = eps_to_score(eps_net, sde)
     _, proj_analytic = train_toy(cfg, out / "analytic", d, data, sde, fixed_score=data.score_fn(sde),
                                  progress=progress)
+    backend = cfg.get("compile")
+    eps_net, proj_net, proj_analytic = (compiled(n, backend) for n in (eps_net, proj_net, proj_analytic))
+    score_learned = eps_to_score(eps_net, sde)
 
     n = cfg["eval"]["samples"]
     ref, floor, noise = reference_set(data, n, cfg["seed"])
@@ -143,7 +162,16 @@ def _run(cfg: dict, out: Path, args, d) -> int:
     floor_row = {"row": "data", "label": "floor: W2 of fresh true samples", "sampler": "data", "N": 0, "steps": 0,
                  "nfe": 0, "delta_p": None, "metric": "W2", "value": floor, "se": noise, "n_samples": n, "seconds": 0.0}
     write_csv(rows_l + rows_a + [floor_row], out / "results.csv", extra_fields=["score"])
-    md = toy_markdown(rows_l, rows_a, floor_row, cfg)
+    seeds = int(cfg["eval"].get("seeds", 1))
+    lines = None
+    if seeds >= 2 and not cfg.get("quick"):  # an untrained (--quick) model gets no verdicts
+        lines = []
+        for label, score_fn, proj_fn, rows in (("learned", score_learned, proj_net, rows_l),
+                                               ("analytic", data.score_fn(sde), proj_analytic, rows_a)):
+            per_seed = paired_seeds(score_fn, proj_fn, cfg, ref, d, rows, progress)
+            write_json({f"{k[0]}@{k[1]}": v for k, v in per_seed.items()}, out / f"paired_seeds_{label}.json")
+            lines += toy_verdicts(per_seed, label, cfg["eval"]["steps"], seeds) + [""]
+    md = toy_markdown(rows_l, rows_a, floor_row, cfg, lines)
     (out / "results.md").write_text(md)
     toy_scatter(samp_l, ref, cfg["eval"]["steps"], out / "samples.png", "samples, learned score")
     toy_scatter(samp_a, ref, cfg["eval"]["steps"], out / "samples_analytic.png", "samples, analytic score")
