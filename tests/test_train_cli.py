@@ -279,3 +279,18 @@ def test_compile_flag_recorded_and_checked(tmp_path, tiny, capsys):
     code, err = cli(["--quick", "--config", tiny, "--out", tmp_path / "d", "--compile", "nosuchbackend"], capsys)
     one_line_error(code, err, "--compile nosuchbackend: unknown backend")
     assert not (tmp_path / "d").exists()
+
+
+def test_guard_turns_a_deep_system_exit_into_one_line(capsys):
+    """`images.train` used to raise SystemExit(message), which the CLI's guard did not catch."""
+    import sys as _sys
+
+    from train.run import guarded
+
+    def job(args):
+        _sys.exit("resume it with the same number of processes\n(got 2)")
+
+    code, err = guarded(job, None), capsys.readouterr().err
+    one_line_error(code, err, "resume it with the same number of processes (got 2)")
+    with pytest.raises(SystemExit):  # a plain exit status passes through untouched
+        guarded(lambda args: _sys.exit(0), None)
