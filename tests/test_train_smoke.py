@@ -65,7 +65,7 @@ def test_run_folder_resume_and_eval(tmp_path, tiny_config):
         assert (run / "samples" / f"{k}_N3.png").is_file()
     assert (run / "digits_fd_vs_nfe.png").is_file() and (run / "timing.json").is_file()
     assert "| Score-based (EM) |" in r.stdout  # the table is printed at the end
-    assert "No verdicts" in md and "is better" not in md and "within noise" not in md  # --quick: untrained
+    assert "No verdicts" in md and "Predict-Project is" not in md and "within noise" not in md  # --quick: untrained
 
     # --resume auto finds this run and continues it to 6 steps
     _run(common + ["--resume", "auto", "--iterations", "6", "--no-eval"], tmp_path)

@@ -153,15 +153,15 @@ def _prepare(args, d, runs_dir: Path):
         info["dataset"] = DIGITS_INFO
     write_json(info, run_dir / ("run_info.json" if resume is None else f"run_info_resume_{int(time.time())}.json"))
     print(f"run folder: {run_dir}", file=sys.stderr)
-    return cfg, run_dir, resume, lock
+    return cfg, run_dir, resume, lock, data
 
 
 def train_job(args, d) -> int:
     runs_dir = Path(args.runs_dir)
-    found, lock = None, None
+    found, lock, data = None, None, None
     if d.main:
         try:
-            cfg, run_dir, resume, lock = _prepare(args, d, runs_dir)
+            cfg, run_dir, resume, lock, data = _prepare(args, d, runs_dir)
             found = ("ok", (cfg, str(run_dir), None if resume is None else str(resume)))
         except Exception as e:  # every rank fails together, none waits forever
             found = ("error", e)
@@ -173,20 +173,21 @@ def train_job(args, d) -> int:
     cfg, run_dir, resume = payload
     run_dir, resume = Path(run_dir), None if resume is None else Path(resume)
     try:
-        return _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir)
+        return _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir, data)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir) -> int:
+def _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir, dataset=None) -> int:
     set_threads(args, cfg, d)
     cache_dir = Path(args.cache_dir) if args.cache_dir else runs_dir / ".cache"
     progress = not args.no_progress
     if args.fused and d.device.type != "cuda" and d.main:
         print("warning: --fused on CPU runs the Triton kernels in the interpreter (slow; a correctness "
               "check, not a speed-up)", file=sys.stderr)
-    dataset = make_dataset(cfg["dataset"], cfg.get("data_root"), cfg["resolution"])
+    if dataset is None:  # ranks > 0 (rank 0 built it while checking the input)
+        dataset = make_dataset(cfg["dataset"], cfg.get("data_root"), cfg["resolution"])
     D.barrier(d)
 
     t0 = time.time()
