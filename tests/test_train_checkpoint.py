@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from train import checkpoint as ckpt
-from train import images
+from train import training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,14 +64,14 @@ def _strip(rows):
 
 def test_resume_is_exact(tmp_path, digits):
     cfg = _cfg()
-    ema_e, ema_p, full = images.train(cfg, tmp_path / "a", make_nets=make_nets, dataset=digits, progress=False)
+    ema_e, ema_p, full = training_loop.train(cfg, tmp_path / "a", make_nets=make_nets, dataset=digits, progress=False)
     # interrupted after step 5: the last checkpoint is step 4, so steps 5.. are redone after resuming
-    _, _, first = images.train(cfg, tmp_path / "b", make_nets=make_nets, dataset=digits, progress=False, stop_at=5)
+    _, _, first = training_loop.train(cfg, tmp_path / "b", make_nets=make_nets, dataset=digits, progress=False, stop_at=5)
     assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
     state = ckpt.load(tmp_path / "b" / "checkpoints" / "last.pt")
     assert state["step"] == 5  # stop_at writes a checkpoint, as the end of a run does
     resume = tmp_path / "b" / "checkpoints" / "ckpt_00000004.pt"  # resume from the snapshot at step 4
-    rem_e, rem_p, rest = images.train(cfg, tmp_path / "b", make_nets=make_nets, dataset=digits, progress=False,
+    rem_e, rem_p, rest = training_loop.train(cfg, tmp_path / "b", make_nets=make_nets, dataset=digits, progress=False,
                                       resume=resume)
     assert [r["step"] for r in rest] == [5, 6, 7, 8]
     assert _strip(first[:4] + rest) == _strip(full)  # bitwise-equal losses, lr and gradient norms
@@ -87,7 +87,7 @@ def test_resume_is_exact(tmp_path, digits):
 
 def test_checkpoint_contents_load_weights_only(tmp_path, digits):
     cfg = _cfg(iterations=2)
-    images.train(cfg, tmp_path, make_nets=make_nets, dataset=digits, progress=False)
+    training_loop.train(cfg, tmp_path, make_nets=make_nets, dataset=digits, progress=False)
     path = tmp_path / "checkpoints" / "last.pt"
     state = torch.load(path, weights_only=True)
     assert set(state) >= {"step", "config", "world_size", "eps", "proj", "ema_eps", "ema_proj", "optimizer", "rng"}

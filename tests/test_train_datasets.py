@@ -180,3 +180,91 @@ def test_cli_script_corrupt_dataset_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "cannot read CelebA image" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- issue 9: data read wrongly or reported late ----------------------------------------------------------
+
+def test_svhn_float_x_is_scaled_not_truncated(tmp_path):
+    """A re-saved SVHN whose X is float in [0, 1] used to become all-black images (astype(uint8))."""
+    import scipy.io
+
+    X = np.random.default_rng(3).integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)
+    (tmp_path / "u").mkdir()
+    (tmp_path / "f").mkdir()
+    (tmp_path / "g").mkdir()
+    scipy.io.savemat(tmp_path / "u" / "train_32x32.mat", {"X": X})
+    scipy.io.savemat(tmp_path / "f" / "train_32x32.mat", {"X": X.astype(np.float32) / 255.0})
+    scipy.io.savemat(tmp_path / "g" / "train_32x32.mat", {"X": X.astype(np.float64)})  # floats in [0, 255]
+    ref = make_dataset("svhn", tmp_path / "u", 32)
+    for d in ("f", "g"):
+        ds = make_dataset("svhn", tmp_path / d, 32)
+        assert all(torch.equal(ds[i], ref[i]) for i in range(4))
+    scipy.io.savemat(tmp_path / "f" / "train_32x32.mat", {"X": X.astype(np.float32) - 300})
+    with pytest.raises(DatasetError, match=r"values outside \[0, 255\]"):
+        make_dataset("svhn", tmp_path / "f", 32)
+
+
+def _celeba(root, n=8, bad=None, bad_bytes=b"not a jpeg"):
+    d = root / "img_align_celeba"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        p = d / f"{i:06d}.jpg"
+        if i == bad:
+            p.write_bytes(bad_bytes)
+        else:
+            Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(p, quality=80)
+    return d
+
+
+def _tiny_cfg(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"resolution": 16, "net": {"model_channels": 16, "head_channels": 32}}')
+    return str(p)
+
+
+def _cli(argv, capsys):
+    from train.run import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_celeba_empty_file_mid_folder_named_at_start(tmp_path, capsys):
+    d = _celeba(tmp_path, bad=5, bad_bytes=b"")
+    code, err = _cli(["--quick", "--dataset", "celeba", "--data-root", tmp_path, "--out", tmp_path / "r",
+                      "--no-eval"], capsys)
+    assert code == 2 and f"CelebA image {d / '000005.jpg'} is empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_celeba_corrupt_image_mid_folder_is_one_line(tmp_path, capsys):
+    """A corrupt JPEG that is not the first file: --check-data names it before training; without it,
+    training with DataLoader workers names it in one line (not a worker's traceback)."""
+    d = _celeba(tmp_path, bad=5)
+    base = ["--quick", "--dataset", "celeba", "--data-root", tmp_path, "--config", _tiny_cfg(tmp_path), "--no-eval",
+            "--no-progress", "--batch-size", "8", "--iterations", "2", "--num-workers", "2", "--threads", "1"]
+    code, err = _cli(base + ["--out", tmp_path / "r1", "--check-data"], capsys)
+    assert code == 2 and f"cannot read CelebA image {d / '000005.jpg'}" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r1").exists()
+    code, err = _cli(base + ["--out", tmp_path / "r2"], capsys)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and f"cannot read CelebA image {d / '000005.jpg'}" in lines[0], err
+    assert "Traceback" not in err and "worker" not in lines[0]
+
+
+def test_lsun_trains_with_dataloader_workers(tmp_path, capsys):
+    """`--quick --dataset lsun_church` with workers > 0 stopped with 'The environment ... is already open
+    in this process': the LMDB opened in the main process was seen again in the forked worker."""
+    rng = np.random.default_rng(4)
+    _lmdb(tmp_path / "church_outdoor_train_lmdb",
+          [_jpeg_bytes(Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)), "PNG") for _ in range(8)])
+    code, err = _cli(["--quick", "--dataset", "lsun_church", "--data-root", tmp_path, "--config",
+                      _tiny_cfg(tmp_path), "--out", tmp_path / "r", "--no-eval", "--no-progress", "--batch-size", "4",
+                      "--iterations", "2", "--log-every", "1", "--ckpt-every", "2", "--num-workers", "2",
+                      "--threads", "1", "--check-data"], capsys)
+    assert code == 0, err
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["num_workers"] == 2

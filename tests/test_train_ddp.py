@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train import distributed as D
-from train.images import batch_indices
+from train.data_order import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 

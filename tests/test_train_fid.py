@@ -122,13 +122,13 @@ def test_eval_fid_end_to_end_with_local_weights(tmp_path, capsys):
     import csv
     import json
 
-    from train import images
+    from train import training_loop
     from train.run import main
 
     cfg = json.loads((Path(__file__).resolve().parents[1] / "train" / "configs" / "quick.json").read_text())
     cfg.update(seed=0, iterations=1, batch_size=8, log_every=1, ckpt_every=1)
     run = tmp_path / "runs" / "digits-x"
-    images.train(cfg, run, progress=False)
+    training_loop.train(cfg, run, progress=False)
     weights = tmp_path / fid.INCEPTION_FILE
     torch.save(fid._random_state_dict(), weights)
     args = ["eval", "--fid", "--run", str(run), "--inception-weights", str(weights), "--samples", "3", "--batch", "3",

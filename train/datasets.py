@@ -27,6 +27,38 @@ class DatasetError(RuntimeError):
     """A dataset is missing or unreadable; the message names the expected layout and path."""
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def worker_error_message(msg: str) -> str:
+    """The original one-line message of a DatasetError re-raised by a DataLoader (which prefixes it
+    with "Caught DatasetError in DataLoader worker process k" and the worker's traceback)."""
+    if "Original Traceback" not in msg:
+        return msg
+    last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if "Error: " in last else last
+
+
+def check_data(dataset, num_workers: int = 0, progress: bool = False) -> int:
+    """Decode every item of `dataset` once (the --check-data pre-flight); DatasetError names the first
+    file that fails. Returns the number of items checked."""
+    from tqdm.auto import tqdm
+
+    if getattr(dataset, "data", None) is not None:
+        return len(dataset)
+    if num_workers > 0 and hasattr(dataset, "release"):
+        dataset.release()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=num_workers)
+    n = 0
+    try:
+        for x in tqdm(loader, desc="check data", disable=not progress):
+            n += x.shape[0]
+    except DatasetError as e:
+        raise DatasetError(worker_error_message(str(e))) from None
+    return n
+
+
 def _expected(name: str, root) -> str:
     return (f"expected --data-root to be the folder holding {LAYOUTS[name]}; "
             f"got --data-root {str(root)!r}")
@@ -100,6 +132,11 @@ class CelebA(torch.utils.data.Dataset):
         if not self.files:
             raise DatasetError(f"CelebA folder {folder} holds no *.jpg files; " + _expected("celeba", root))
         self.root, self.resolution = root, resolution
+        # Cheap checks at start-up (one stat per file): an empty or truncated-to-nothing file is named
+        # now, not by a DataLoader worker hours into training. `check()` decodes every image.
+        for f in self.files:
+            if f.stat().st_size == 0:
+                raise DatasetError(f"CelebA image {f} is empty; re-extract the dataset (or delete the file)")
         self[0]  # fail now, not hours into training, if the files cannot be decoded
 
     def __len__(self):
@@ -112,7 +149,7 @@ class CelebA(torch.utils.data.Dataset):
                 im = _center_crop(im.convert("RGB"), self.crop)
                 im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
         except Exception as e:
-            raise DatasetError(f"cannot read CelebA image {path}: {e}; " + _expected("celeba", self.root)) from None
+            raise DatasetError(f"cannot read CelebA image {path}: {_one_line(e)}") from None
         return _to_unit_range(im)
 
 
@@ -122,8 +159,10 @@ _ENVS: dict = {}
 
 
 def _lmdb_env(path: Path):
-    """One read-only environment per (process, path): LMDB refuses a second open in a process, and a
-    handle must not be inherited across fork (DataLoader workers open their own)."""
+    """This process's read-only environment for `path`, opened on first use. LMDB refuses to open an
+    environment twice in one process, and a forked DataLoader worker counts the handle it inherited
+    as open: so the main process releases its handle (`LSUNChurch.release`) before workers start,
+    and each worker opens its own, keyed by its pid."""
     import os
 
     import lmdb
@@ -133,6 +172,14 @@ def _lmdb_env(path: Path):
         _ENVS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
                                max_readers=64)
     return _ENVS[key]
+
+
+def _release_env(path: Path) -> None:
+    import os
+
+    env = _ENVS.pop((os.getpid(), str(path)), None)
+    if env is not None:
+        env.close()
 
 
 class LSUNChurch(torch.utils.data.Dataset):
@@ -158,6 +205,11 @@ class LSUNChurch(torch.utils.data.Dataset):
         if not self.keys:
             raise DatasetError(f"LMDB {path} holds no entries; " + _expected("lsun_church", root))
         self[0]
+        self.release()
+
+    def release(self) -> None:
+        """Close this process's handle (before DataLoader workers fork; they open their own)."""
+        _release_env(self.path)
 
     def __len__(self):
         return len(self.keys)
@@ -170,12 +222,27 @@ class LSUNChurch(torch.utils.data.Dataset):
             with Image.open(io.BytesIO(buf)) as im:
                 im = _resize_shorter_center_crop(im.convert("RGB"), self.resolution)
         except Exception as e:
-            raise DatasetError(f"cannot decode LSUN entry {key!r} in {self.path}: {e}; "
-                               + _expected("lsun_church", self.root)) from None
+            raise DatasetError(f"cannot decode LSUN entry {key!r} in {self.path}: {_one_line(e)}") from None
         return _to_unit_range(im)
 
 
 # --- SVHN ------------------------------------------------------------------------------------------------
+
+def _svhn_uint8(X: np.ndarray, path) -> np.ndarray:
+    """SVHN pixels as uint8 0..255. The official file is uint8; a re-saved copy may hold floats in
+    [0, 1] (scaled back by 255, not truncated to black) or in [0, 255]; anything else is refused."""
+    if X.dtype == np.uint8:
+        return X
+    if X.size == 0:
+        raise DatasetError(f"{path} holds no images")
+    lo, hi = float(np.nanmin(X)), float(np.nanmax(X))
+    if not np.isfinite(X).all() or lo < 0 or hi > 255:
+        raise DatasetError(f"{path}: X ({X.dtype}) has values outside [0, 255] (min {lo:g}, max {hi:g}); "
+                           + _expected("svhn", Path(path).parent))
+    if np.issubdtype(X.dtype, np.floating) and hi <= 1.0:
+        X = X * 255.0
+    return np.rint(X).astype(np.uint8)
+
 
 class SVHN(torch.utils.data.Dataset):
     """SVHN format 2 (`train_32x32.mat`), upsampled 32 -> `resolution` (bilinear, antialiased).
@@ -200,7 +267,7 @@ class SVHN(torch.utils.data.Dataset):
         if X is None or X.ndim != 4 or X.shape[:3] != (32, 32, 3):
             got = "no variable X" if X is None else f"X of shape {X.shape}"
             raise DatasetError(f"{path} holds {got}; " + _expected("svhn", root))
-        self.x = torch.from_numpy(np.ascontiguousarray(X.transpose(3, 2, 0, 1)).astype(np.uint8))
+        self.x = torch.from_numpy(np.ascontiguousarray(_svhn_uint8(X, path).transpose(3, 2, 0, 1)))
         self.root, self.resolution = root, resolution
 
     def __len__(self):
@@ -233,4 +300,4 @@ def make_dataset(name: str, data_root=None, resolution: int = 64):
 
 
 __all__ = ["DatasetError", "make_dataset", "load_digits_tensor", "TensorImages", "CelebA", "LSUNChurch", "SVHN",
-           "LAYOUTS", "DIGITS_INFO"]
+           "LAYOUTS", "DIGITS_INFO", "check_data", "worker_error_message"]

@@ -36,7 +36,9 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was requested but torch sees no CUDA device")
+            from .errors import UsageError
+
+            raise UsageError(f"--device {device} was requested but torch sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

@@ -1,0 +1,90 @@
+"""The networks a job trains, the switches that change how they run (fused Triton path, torch.compile),
+and the exponential moving average of their weights (ALGORITHMS §1, §3: both the score and the
+projection network are the same backbone).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+
+def build_nets(cfg: dict):
+    """Score (epsilon) and projection networks for a config: for image datasets the same U-Net twice
+    (Ghimire et al. App. B: cfg['preset'] names a `UNet.from_preset` preset, cfg['net'] overrides its
+    arguments); for the 2-D toy (dataset gmm) the same MLP twice (3 hidden layers of cfg['hidden'])."""
+    if cfg["dataset"] == "gmm":
+        from wgfcore.nets.mlp import MLP
+
+        return MLP(2, cfg["hidden"], 3), MLP(2, cfg["hidden"], 3)
+    from wgfcore.nets import UNet
+
+    kw = dict(cfg.get("net") or {}, img_resolution=cfg["resolution"], in_channels=cfg["channels"])
+    for k, v in kw.items():  # JSON has no tuples
+        if isinstance(v, list):
+            kw[k] = tuple(v)
+    try:
+        return UNet.from_preset(cfg["preset"], **kw), UNet.from_preset(cfg["preset"], **kw)
+    except (KeyError, TypeError, ValueError) as e:  # unknown preset or argument: a config error
+        raise UsageError(f"cannot build U-Net preset {cfg['preset']!r} with net {cfg.get('net') or {}} at "
+                         f"{cfg['resolution']}x{cfg['resolution']}x{cfg['channels']}: {e}") from None
+
+
+def use_fused(nets) -> None:
+    """The one place where --fused switches networks to the Triton path (today: FlashAttention-2
+    attention; a U-Net method for a fuller fused forward is wired in here too)."""
+    for net in nets:
+        if not hasattr(net, "set_attention_backend"):
+            raise UsageError(f"--fused needs the wgfcore U-Net ({type(net).__name__} has no Triton path)")
+        net.set_attention_backend("triton")
+
+
+def check_compile(backend) -> None:
+    """Fail at start-up, in one line, when torch.compile cannot run here."""
+    if not backend:
+        return
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UsageError("--compile: torch.compile is not supported on this Python/torch build")
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UsageError(f"--compile {backend}: unknown backend; choose from "
+                         f"{', '.join(torch._dynamo.list_backends())}")
+
+
+def compiled(net: nn.Module, backend) -> nn.Module:
+    """`net` wrapped in torch.compile (with `backend`), or `net` itself when backend is false. The
+    wrapper shares its parameters with `net`; checkpoints and the EMA keep using `net` itself, so their
+    keys do not depend on the flag."""
+    return torch.compile(net, backend=backend) if backend else net
+
+
+class EMA:
+    """Exponential moving average of a network's parameters (buffers copied as they are)."""
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        ema_p = [p for p in self.net.parameters()]
+        src_p = [p.detach() for p in net.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
+        for b_ema, b in zip(self.net.buffers(), net.buffers()):
+            b_ema.copy_(b)
+
+
+def all_finite(modules) -> torch.Tensor:
+    """A 0-d bool tensor: are all parameters of `modules` finite (one reduction, no host sync)."""
+    params = [p.detach() for m in modules for p in m.parameters()]
+    if not params:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(params)
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+__all__ = ["build_nets", "use_fused", "check_compile", "compiled", "EMA", "all_finite"]
