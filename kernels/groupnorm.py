@@ -210,9 +210,11 @@ def _gn_bwd_kernel(
 def _blocks(groups: int, cg: int, p: int) -> dict:
     block_c = triton.next_power_of_2(cg)
     if INTERPRETED:
-        # All groups of a batch element in one program (the interpreter pays per program);
-        # 16 positions per tile, so the tests still cover loops over positions and tails.
-        return dict(BLOCK_G=triton.next_power_of_2(groups), BLOCK_C=block_c, BLOCK_P=16, num_warps=4)
+        # All groups of a batch element in one program: the interpreter pays per program and per
+        # op, not per element. Maps of up to 64 positions (the tests' shapes, the U-Net's 8x8)
+        # loop over 16-wide tiles, so loops and tails stay exercised; larger maps are one tile.
+        block_p = 16 if p <= 64 else triton.next_power_of_2(p)
+        return dict(BLOCK_G=triton.next_power_of_2(groups), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
     # About 2048 elements per tile (speed unmeasured). The adm64 U-Net's groups hold 4-16
     # channels of 64-4096 positions: at 8 x 8 two groups share a program, so it is not a
     # 1024-element sliver; at 64 x 64 one group loops over 512-position tiles. Built for sm_90

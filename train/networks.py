@@ -34,12 +34,18 @@ def build_nets(cfg: dict):
 
 
 def use_fused(nets) -> None:
-    """The one place where --fused switches networks to the Triton path (today: FlashAttention-2
-    attention; a U-Net method for a fuller fused forward is wired in here too)."""
+    """The one place where --fused switches networks to the Triton path: `UNet.set_kernels("fused")`
+    (FlashAttention-2 attention, fused GroupNorm + scale-shift + SiLU, q/k/v in token layout).
+
+    Module state, not parameters: call it on every copy that runs (training nets and EMA copies).
+    channels_last stays off: its effect on the fused GroupNorm is unmeasured (no GPU run yet)."""
     for net in nets:
-        if not hasattr(net, "set_attention_backend"):
+        if not hasattr(net, "set_kernels"):
             raise UsageError(f"--fused needs the wgfcore U-Net ({type(net).__name__} has no Triton path)")
-        net.set_attention_backend("triton")
+        try:
+            net.set_kernels("fused")
+        except ValueError as e:  # e.g. a head width the Triton attention does not support
+            raise UsageError(f"--fused: {e}") from None
 
 
 def check_compile(backend) -> None:
