@@ -32,11 +32,15 @@ sys.path.insert(0, str(ROOT / "bench"))  # for summarize.py (bench/ is not a pac
 # (name, pytest arguments) on a GPU, in order of what issue 11 needs most if the budget runs
 # out: the step kernels at the measured sizes plus 2^27 ("large") and the host-time rows, the
 # end-to-end adm64 sampling rows, then the attention and U-Net rows at the U-Net shapes.
-GPU_TESTS = ["tests/test_kernels_step.py", "tests/test_sample.py", "tests/test_attention.py", "tests/test_unet.py"]
+GPU_TESTS = ["tests/test_kernels_step.py", "tests/test_sample.py", "tests/test_attention.py", "tests/test_groupnorm.py",
+             "tests/test_unet.py"]
 GPU_BENCH = [
     ("step", ["bench/test_bench_step.py", "-k", "(not compile and (B16 or B256) and (fp32 or bf16)) or large or host"]),
     ("sampler", ["bench/test_bench_sampler.py", "-k", "unet"]),
-    ("attention-unet", ["bench/test_bench_attention.py", "bench/test_bench_unet.py", "-k", "L256 or L1024 or adm64"]),
+    # every attention shape, dtype and backend except the slow math references (issue 12)
+    ("attention", ["bench/test_bench_attention.py", "-k", "not sdpa-math and not -math-"]),
+    # the adm64 step and forward rows per path; the compiled rows spend minutes compiling
+    ("unet", ["bench/test_bench_unet.py", "-k", "adm64 and not compile"]),
 ]
 # --dry on CPU: one cheap item per phase, so that every file and table is still written.
 DRY_TESTS = ["tests/test_sample.py", "-k", "cuda_graph_errors or graph_key"]
