@@ -2,7 +2,8 @@
 
 The Triton interpreter runs the kernels' arithmetic on CPU but not the compiler's front end,
 layouts or register allocation; this builds each kernel at the launch configurations the
-launchers use on a GPU (kernels.attention._config's table, kernels.groupnorm._blocks) for an
+launchers use on a GPU (kernels.attention._config's table, kernels.groupnorm._blocks, the
+sampler-step kernels' variants as TritonSteps and the public launchers use them) for an
 sm_90 (H100) target, and prints ptxas's register and spill counts. TRITON_INTERPRET=0 must be
 set before `kernels` is imported (without CUDA it otherwise defaults to 1), so this runs in its
 own process (tests/test_attention.py calls it that way). Needs only the Triton wheel (its
@@ -24,6 +25,7 @@ from triton.compiler import ASTSource
 from . import INTERPRETED
 from . import attention as A
 from . import groupnorm as G
+from . import sampler_step as S
 
 if INTERPRETED:
     sys.exit("kernels._build_check: set TRITON_INTERPRET=0 before running it (it builds for the GPU)")
@@ -98,7 +100,29 @@ def main(argv) -> int:
             b_ptrs = dict(f_ptrs, DY=t, DX=t, DW="*fp32", DB="*fp32", DSCALE="*fp32", DSHIFT="*fp32")
             print(f"groupnorm fwd G={groups} CG={cg} P={p} {cfg}: {build(G._gn_fwd_kernel, f_ptrs, ('eps',), cfg)}", flush=True)
             print(f"groupnorm bwd G={groups} CG={cg} P={p} {cfg}: {build(G._gn_bwd_kernel, b_ptrs, (), cfg)}", flush=True)
+    for name, fn, ptrs, floats, cfg in step_jobs(quick):
+        print(f"step {name} {cfg}: {build(fn, ptrs, floats, cfg)}", flush=True)
     return 0
+
+
+def step_jobs(quick: bool):
+    """The sampler-step kernels: the sampling loop's table kernel at (state dtype, network-output
+    dtype, NT, CHECK, NOISE) as TritonSteps launches it, and the public kernel with 0-d tensor
+    coefficients and Philox noise, and with per-sample coefficients and an explicit z."""
+    v = lambda c: c.value  # noqa: E731 - the kernels' named modes are tl.constexpr objects
+    cases = [("fp32", "bf16", 2, 1, v(S.NOISE_PHILOX)), ("bf16", "bf16", 4, 3, v(S.NOISE_NONE)),
+             ("fp64", "fp32", 2, 1, v(S.NOISE_NONE))]
+    for dt, sdt, nt, check, noise in cases[:1] if quick else cases:
+        ptrs = dict(out_ptr=f"*{dt}", t0=f"*{dt}", t1=f"*{sdt}", t2=f"*{dt}", t3=f"*{sdt}", coef_ptr="*fp32",
+                    seed_ptr="*i64", flag_ptr="*i64")
+        yield "table", S._table_kernel, ptrs, (), dict(NT=nt, NOISE=noise, R=S.NOISE_R, GROUPS=1, CHECK=check, num_warps=8)
+    for noise, mode, per_sample in [(v(S.NOISE_PHILOX), v(S.COEF_SCALAR_PTR), False),
+                                    (v(S.NOISE_EXPLICIT), v(S.COEF_SAMPLE_PTR), True)]:
+        ptrs = dict(out_ptr="*bf16", t0="*bf16", t1="*bf16", t2="*bf16", t3="*bf16", z_ptr="*bf16",
+                    **({k: "*fp32" for k in ("c0", "c1", "cz")}))
+        yield "affine", S._affine_kernel, ptrs, ("c2", "c3"), dict(
+            NT=2, NOISE=noise, M0=mode, M1=mode, M2=0, M3=0, MZ=mode, PER_SAMPLE=per_sample, R=S.NOISE_R,
+            GROUPS=1, num_warps=8)
 
 
 if __name__ == "__main__":
