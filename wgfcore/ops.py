@@ -141,12 +141,15 @@ def reverse_coefficients(sde: VPSDE, ts: torch.Tensor, a: float = 1.0) -> dict[s
     """
     if not (math.isfinite(a) and a >= 0):
         raise ValueError(f"the reverse family needs a finite a >= 0, got a={a}")
+    # The drift and diffusion come from their one home, VPSDE.reverse_drift / reverse_diffusion; the
+    # drift is linear in (x, s), so its coefficients are its values at unit x (s = 0) and unit s (x = 0).
     dtau = ts[:-1] - ts[1:]
-    beta = sde.beta(ts[:-1])
+    t = ts[:-1]
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
     return {
-        "c_x": 1.0 + beta * dtau,
-        "c_s": (1.0 + a) * beta * dtau,
-        "c_z": torch.sqrt(2.0 * a * beta * dtau),
+        "c_x": 1.0 + sde.reverse_drift(one, t, zero, a) * dtau,
+        "c_s": sde.reverse_drift(zero, t, one, a) * dtau,
+        "c_z": sde.reverse_diffusion(t, a) * torch.sqrt(dtau),
     }
 
 
