@@ -129,7 +129,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, type=compile_backend, metavar="BACKEND",
                    help="wrap the networks in torch.compile for training and evaluation (backend: inductor, or "
-                        "e.g. eager/aot_eager); off by default, recorded in the run's config")
+                        "e.g. eager/aot_eager); off by default, recorded in the run's config. With --fused the "
+                        "Triton kernels stay inside the compiled graph as torch.library custom ops (no graph break)")
 
 
 def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
