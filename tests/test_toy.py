@@ -35,6 +35,25 @@ def test_toy_job_writes_tables_and_plots(tmp_path, capsys):
     assert state["step"] == 30 and state["config"] == cfg
     md = (out / "results.md").read_text()
     assert "NFE 40" in md and "floor" in md
+    # paired verdicts over 3 sampling seeds, seed 0 being the table's own cells
+    assert "paired over 3 sampling seeds" in md and "- N=20: vs EM at 2N steps (equal NFE)" in md
+    seeds = json.loads((out / "paired_seeds_learned.json").read_text())
+    assert set(seeds) == {"pp@20", "em@20", "em2n@20"} and all(len(v) == 3 for v in seeds.values())
+    table = {r["row"]: float(r["value"]) for r in cells if r["score"] == "learned"}
+    assert seeds["pp@20"][0] == pytest.approx(table["pp"], rel=1e-12) and seeds["pp@20"][1] != seeds["pp@20"][0]
+    # export copies a gmm run's table and figures into docs (it used to fail on the gmm config)
+    assert main(["export", "--run", str(out), "--to", str(tmp_path / "docs"), "--name", "gmm"]) == 0
+    assert (tmp_path / "docs" / "gmm_results.md").read_text().endswith(md)
+    assert (tmp_path / "docs" / "figures" / "gmm_w2_vs_nfe.png").is_file()
+
+
+def test_toy_quick_prints_no_verdicts(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["--dataset", "gmm", "--quick", "--iters", "20", "--steps", "10", "--n-samples", "100",
+                 "--out", str(out), "--no-progress"]) == 0
+    md = (out / "results.md").read_text()
+    assert "No verdicts" in md and "PP is" not in md and "within noise" not in md
+    assert not (out / "paired_seeds_learned.json").exists()
 
 
 @pytest.mark.parametrize("argv,expect", [
