@@ -15,7 +15,7 @@ from wgfcore.denoisers import optimal_denoiser
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETED
 DEVICE = "cuda" if ON_GPU else "cpu"
 
-# (name, B, M, feature shape): digits as in train/geometry.py; 16x16 RGB; the 50K x 64x64 target.
+# (name, B, M, feature shape): digits as in train/chen_optimal.py; 16x16 RGB; the 50K x 64x64 target.
 SIZES = [("digits", 16, 1797, (8, 8)), ("rgb16", 16, 4096, (3, 16, 16)), ("rgb64-50k", 64, 50_000, (3, 64, 64))]
 IMPLS = ["streamed-fp32", "streamed-fp64", "full-fp32"]
 
