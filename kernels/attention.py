@@ -41,6 +41,15 @@ _MAX_GRID_DIM1 = 65535
 
 
 @triton.jit
+def _head_of(pid, g, GROUP: tl.constexpr, BH, H):
+    """(batch, head) pair g of program `pid`'s GROUP: the raw index (>= BH past the end, so its
+    stores are masked), the clamped flat index bh (its loads stay in bounds), batch b, head h."""
+    bh_raw = pid * GROUP + g
+    bh = tl.minimum(bh_raw, BH - 1)
+    return bh_raw, bh, bh // H, bh % H
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE2,
     sq_b, sq_h, sq_l,
@@ -61,10 +70,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, D)
     row_in = offs_m < L
     for g in range(GROUP):
-        bh_raw = tl.program_id(1) * GROUP + g
-        bh = tl.minimum(bh_raw, BH - 1)
-        b = bh // H
-        h = bh % H
+        bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
         row_ok = row_in & (bh_raw < BH)
 
         q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
@@ -139,10 +145,7 @@ def _bwd_one_block_kernel(
     offs_d = tl.arange(0, D)
     ok = offs < L
     for g in range(GROUP):
-        bh_raw = tl.program_id(0) * GROUP + g
-        bh = tl.minimum(bh_raw, BH - 1)
-        b = bh // H
-        h = bh % H
+        bh_raw, bh, b, h = _head_of(tl.program_id(0), g, GROUP, BH, H)
         st_ok = ok & (bh_raw < BH)
         q = tl.load(Q + b * sq_b + h * sq_h + offs[:, None] * sq_l + offs_d[None, :], mask=ok[:, None], other=0.0)
         k = tl.load(K + b * sk_b + h * sk_h + offs[:, None] * sk_l + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -194,10 +197,7 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, D)
     row_in = offs_m < L
     for g in range(GROUP):
-        bh_raw = tl.program_id(1) * GROUP + g
-        bh = tl.minimum(bh_raw, BH - 1)
-        b = bh // H
-        h = bh % H
+        bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
         row_ok = row_in & (bh_raw < BH)
         q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
                     mask=row_in[:, None], other=0.0)
@@ -253,10 +253,7 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, D)
     col_in = offs_n < L
     for g in range(GROUP):
-        bh_raw = tl.program_id(1) * GROUP + g
-        bh = tl.minimum(bh_raw, BH - 1)
-        b = bh // H
-        h = bh % H
+        bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
         col_ok = col_in & (bh_raw < BH)
         k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :],
                     mask=col_in[:, None], other=0.0)

@@ -59,6 +59,20 @@ def _to_rows(v, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _rows_of(G, CG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's batch element b, its first group g0, and its BLOCK_G groups as tile rows
+    (BLOCK_C channel lanes each): the group of each row, which rows are real channels, and their
+    channel indices."""
+    n_gb = tl.cdiv(G, BLOCK_G)
+    b = tl.program_id(0) // n_gb
+    g0 = (tl.program_id(0) % n_gb) * BLOCK_G
+    r = tl.arange(0, BLOCK_G * BLOCK_C)
+    g_row = g0 + r // BLOCK_C
+    c_ok = ((r % BLOCK_C) < CG) & (g_row < G)
+    return b, g0, g_row, c_ok, g_row * CG + r % BLOCK_C
+
+
+@triton.jit
 def _gn_fwd_kernel(
     X, Y, W, Bias, SCALE, SHIFT, MEAN, RSTD,
     sx_b, sx_c, sx_p, sy_b, sy_c, sy_p, ss_b, ss_c, sh_b, sh_c,
@@ -72,13 +86,7 @@ def _gn_fwd_kernel(
 ):
     # One program: batch element b, groups gb*BLOCK_G ... + BLOCK_G - 1, as the rows of one
     # (BLOCK_G * BLOCK_C, BLOCK_P) tile (channel lanes past CG and groups past G masked).
-    n_gb = tl.cdiv(G, BLOCK_G)
-    b = tl.program_id(0) // n_gb
-    g0 = (tl.program_id(0) % n_gb) * BLOCK_G
-    r = tl.arange(0, BLOCK_G * BLOCK_C)
-    g_row = g0 + r // BLOCK_C
-    c_ok = ((r % BLOCK_C) < CG) & (g_row < G)
-    offs_c = g_row * CG + r % BLOCK_C
+    b, g0, g_row, c_ok, offs_c = _rows_of(G, CG, BLOCK_G, BLOCK_C)
     offs_p0 = tl.arange(0, BLOCK_P)
     x_base = X + b * sx_b + offs_c[:, None] * sx_c
     n = CG * P
@@ -141,13 +149,7 @@ def _gn_bwd_kernel(
     #   dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat))  (Wu & He 2018, backprop of eq. 1).
     # A program owns whole groups of one batch element, so the per-(b, c) sums are complete
     # here; the sum over b for dgamma and dbeta is left to the launcher ((B, C) partials).
-    n_gb = tl.cdiv(G, BLOCK_G)
-    b = tl.program_id(0) // n_gb
-    g0 = (tl.program_id(0) % n_gb) * BLOCK_G
-    r = tl.arange(0, BLOCK_G * BLOCK_C)
-    g_row = g0 + r // BLOCK_C
-    c_ok = ((r % BLOCK_C) < CG) & (g_row < G)
-    offs_c = g_row * CG + r % BLOCK_C
+    b, g0, g_row, c_ok, offs_c = _rows_of(G, CG, BLOCK_G, BLOCK_C)
     offs_p0 = tl.arange(0, BLOCK_P)
     x_base = X + b * sx_b + offs_c[:, None] * sx_c
     dy_base = DY + b * sdy_b + offs_c[:, None] * sdy_c
