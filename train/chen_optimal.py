@@ -40,23 +40,38 @@ from wgfcore.sde import karras_sigmas  # noqa: E402
 FIGURES = ("geometry_stats.png", "geometry_2d.png", "geometry_digits.png")
 
 
+def add_karras_args(p: argparse.ArgumentParser) -> None:
+    """The EDM sampling grid of both Chen et al. scripts: N Karras steps from sigma_max to sigma_min."""
+    p.add_argument("--steps", type=int, default=18, help="Karras steps N (full sample: NFE = 2N - 1 with Heun)")
+    p.add_argument("--sigma-min", type=float, default=0.002)
+    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--rho", type=float, default=7.0)
+
+
+def karras_args_error(args) -> str | None:
+    """What is wrong with the grid arguments, or None."""
+    if args.steps < 2:
+        return f"--steps must be >= 2, got {args.steps}"
+    if not 0 < args.sigma_min < args.sigma_max or args.rho <= 0:
+        return "need 0 < --sigma-min < --sigma-max and --rho > 0"
+    return None
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/geometry"), help="output folder")
     p.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=18, help="Karras steps N (NFE = 2N - 1 with Heun)")
-    p.add_argument("--sigma-min", type=float, default=0.002)
-    p.add_argument("--sigma-max", type=float, default=80.0)
-    p.add_argument("--rho", type=float, default=7.0)
+    add_karras_args(p)
     p.add_argument("--n-digits", type=int, default=128, help="trajectories on the digits")
     p.add_argument("--n-2d-data", type=int, default=256, help="size of the 2-D training set (mixture samples)")
     p.add_argument("--n-2d", type=int, default=128, help="trajectories in 2-D (16 are drawn)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    if args.steps < 2 or min(args.n_digits, args.n_2d_data, args.n_2d) < 1:
-        p.error("need --steps >= 2 and positive sizes")
+    bad = karras_args_error(args)
+    if bad or min(args.n_digits, args.n_2d_data, args.n_2d) < 1:
+        p.error(bad or "need positive sizes")
     return args
 
 

@@ -51,6 +51,8 @@ from wgfcore.metrics import frechet_distance, gaussian_fit  # noqa: E402
 from wgfcore.sample import eps_to_score  # noqa: E402
 from wgfcore.sde import VPSDE, karras_sigmas  # noqa: E402
 
+from train.chen_optimal import add_karras_args, karras_args_error  # noqa: E402
+
 FIGURES = ("chen_trajectories.png", "chen_score_deviation.png", "chen_jump_fd.png", "chen_denoising_digits.png")
 PROG = "chen_trajectories"
 
@@ -72,10 +74,7 @@ def parse(argv=None):
     p.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--samples", type=int, default=1000, help="trajectories B (digits-FD needs several hundred)")
-    p.add_argument("--steps", type=int, default=18, help="Karras steps N (full sample: NFE 2N - 1 with Heun)")
-    p.add_argument("--sigma-min", type=float, default=0.002)
-    p.add_argument("--sigma-max", type=float, default=80.0)
-    p.add_argument("--rho", type=float, default=7.0)
+    add_karras_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the bootstrap")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for each digits-FD point")
     p.add_argument("--floor-draws", type=int, default=20, help="subsets of real digits for the FD floor")
@@ -87,12 +86,11 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    if args.steps < 2:
-        raise UsageError(f"--steps must be >= 2, got {args.steps}")
+    bad = karras_args_error(args)
+    if bad:
+        raise UsageError(bad)
     if args.samples < 2 or args.bootstrap < 2 or args.floor_draws < 2 or args.batch < 1:
         raise UsageError("--samples, --bootstrap and --floor-draws must be >= 2 and --batch >= 1")
-    if not 0 < args.sigma_min < args.sigma_max or args.rho <= 0:
-        raise UsageError("need 0 < --sigma-min < --sigma-max and --rho > 0")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     return args
