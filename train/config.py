@@ -160,6 +160,7 @@ SCHEMA = {
     "channels": _int(1),
     "preset": _str(),
     "net": _net,
+    "proj_net": _net,  # overrides of `net` for the projection network T alone (its width, say)
     "hidden": _int(1),
     "batch_size": _int(1),
     "iterations": _int(1),

@@ -15,7 +15,7 @@ from .errors import UsageError
 def build_nets(cfg: dict):
     """Score (epsilon) and projection networks for a config: for image datasets the same U-Net twice
     (Ghimire et al. App. B: cfg['preset'] names a `UNet.from_preset` preset, cfg['net'] overrides its
-    arguments); for the 2-D toy (dataset gmm) the same MLP twice (3 hidden layers of cfg['hidden'])."""
+    arguments, cfg['proj_net'] overrides them further for the projection network only); for the 2-D toy (dataset gmm) the same MLP twice (3 hidden layers of cfg['hidden'])."""
     if cfg["dataset"] == "gmm":
         from wgfcore.nets.mlp import MLP
 
@@ -23,14 +23,21 @@ def build_nets(cfg: dict):
     from wgfcore.nets import UNet
 
     kw = dict(cfg.get("net") or {}, img_resolution=cfg["resolution"], in_channels=cfg["channels"])
-    for k, v in kw.items():  # JSON has no tuples
-        if isinstance(v, list):
-            kw[k] = tuple(v)
-    try:
-        return UNet.from_preset(cfg["preset"], **kw), UNet.from_preset(cfg["preset"], **kw)
-    except (KeyError, TypeError, ValueError) as e:  # unknown preset or argument: a config error
-        raise UsageError(f"cannot build U-Net preset {cfg['preset']!r} with net {cfg.get('net') or {}} at "
-                         f"{cfg['resolution']}x{cfg['resolution']}x{cfg['channels']}: {e}") from None
+    # T may differ from the score net (cfg["proj_net"], e.g. {"model_channels": 8}); absent, it is the same.
+    kw_T = dict(kw, **(cfg.get("proj_net") or {}))
+    for d in (kw, kw_T):
+        for k, v in d.items():  # JSON has no tuples
+            if isinstance(v, list):
+                d[k] = tuple(v)
+    nets = []
+    for what, key, args in (("score", "net", kw), ("projection", "proj_net", kw_T)):
+        try:
+            nets.append(UNet.from_preset(cfg["preset"], **args))
+        except (KeyError, TypeError, ValueError) as e:  # unknown preset or argument: a config error
+            raise UsageError(f"cannot build the {what} U-Net (preset {cfg['preset']!r}, {key} "
+                             f"{cfg.get(key) or {}}) at {cfg['resolution']}x{cfg['resolution']}x{cfg['channels']}: "
+                             f"{e}") from None
+    return tuple(nets)
 
 
 def use_fused(nets) -> None:
