@@ -1,0 +1,417 @@
+"""Fused sampler steps on the CPU: a C++ twin of kernels/sampler_step.py, built with ninja at first use.
+
+ALGORITHMS §2: each update of `wgfcore.ops` is one pass over memory, parallel over elements
+(at::parallel_for, torch's own thread pool) and vectorised; the Gaussian z is drawn in the pass
+from the Triton kernels' Philox stream, so a (seed, step) gives the same noise on CPU and GPU.
+
+Why JIT at first use rather than ahead of time in setup.py: an ahead-of-time build needs torch
+inside pip's isolated build environment (a second multi-GB torch download, possibly another ABI
+than the one installed) and turns a missing compiler into a failed `pip install`. Built at first
+use, `pip install -e .` stays pure Python; the first `CppSteps` compiles once (tens of seconds)
+into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), keyed by
+this machine's CPU, the compiler and the torch version, and later processes load it in well under
+a second; with no compiler, `status()` says so in one line and `backend="auto"` uses torch's steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import numbers
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import threading
+
+import torch
+
+from ._common import check_dtype
+
+__all__ = ["predict", "em", "project", "heun", "CppSteps", "status", "available", "require", "NOISE_R",
+           "FLAG_CLEAR", "STEP_DTYPES"]
+
+# The noise layout and flag value of kernels/sampler_step.py (one counter feeds elements
+# g 4R + k R + r, k = 0..3); tests/test_cpu_steps.py checks that the two agree.
+NOISE_R = 1024
+_GROUP = 4 * NOISE_R
+_MAX_NUMEL = 2**31 - _GROUP
+FLAG_CLEAR = 2**62
+STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NO_NOISE, _EXPLICIT, _PHILOX = 0, 1, 2
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_steps.cpp")
+
+# --------------------------------------------------------------------------------------
+# The build: once per process, on first use
+# --------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_ext = None
+_error: str | None = None
+_tried = False
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def _cpu_signature() -> str:
+    """What the -march=native code depends on: the CPU's feature flags (Linux), else the machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags). -ffp-contract=off: no fused a*b+c, so every sum rounds as
+    torch's separate mul and add do (the tests compare against wgfcore.ops bit for bit)."""
+    cflags = ["-O3", "-ffp-contract=off", "-fno-math-errno", f"-DWGF_NOISE_R={NOISE_R}"]
+    ldflags = []
+    if sys.platform.startswith("linux"):
+        # The code runs only where it was built (the cache name holds the CPU's flags).
+        cflags += ["-march=native", "-fopenmp"]
+        ldflags += ["-fopenmp"]  # libgomp.so.1: the very runtime torch loaded, so set_num_threads holds
+    elif sys.platform == "darwin":
+        cflags += ["-mcpu=native" if platform.machine() == "arm64" else "-march=native", "-fopenmp-simd"]
+    return cflags, ldflags
+
+
+def _name() -> str:
+    key = "|".join([_cpu_signature(), _compiler(), torch.__version__, sys.version])
+    return "wgf_cpu_steps_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" log line: these
+    kernels are CPU-only and never look for CUDA."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
+def _preflight() -> str | None:
+    """What is missing for the build, in one line; None when nothing obvious is."""
+    cxx = _compiler()
+    if shutil.which(cxx.split()[0]) is None:
+        return (f"no C++ compiler: {cxx!r} was not found (install g++ or clang++, or set CXX to one)")
+    if not _cpp_extension().is_ninja_available():
+        return "ninja was not found (pip install ninja)"
+    include = sysconfig.get_paths().get("include", "")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"the Python headers were not found (no Python.h in {include}; install python3-dev)"
+    return None
+
+
+def _summarize(e: BaseException, log_dir: str) -> str:
+    """A failed build as one line: the compiler's first error, and where the whole log is."""
+    text = str(e)
+    first = next((ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()), "")
+    log = os.path.join(log_dir, "build-error.log")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(log, "w") as f:
+            f.write(text)
+        where = f"; full log: {log}"
+    except OSError:
+        where = ""
+    return f"the C++ build failed ({type(e).__name__}: {first or text.splitlines()[0] if text else ''}){where}"
+
+
+def _build():
+    global _ext, _error, _tried
+    with _lock:
+        if _tried:
+            return
+        _tried = True
+        _error = _preflight()
+        if _error is not None:
+            return
+        cpp_extension = _cpp_extension()
+        name = _name()
+        build_dir = os.path.join(cpp_extension._get_build_directory(name, verbose=False))
+        cflags, ldflags = _flags()
+        fresh = not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir))
+        if fresh:
+            print(f"kernels.cpu_steps: building the C++ step kernels (once per machine) in {build_dir}",
+                  file=sys.stderr, flush=True)
+        try:
+            _ext = cpp_extension.load(name=name, sources=[_SRC], extra_cflags=cflags, extra_ldflags=ldflags,
+                                      build_directory=build_dir, with_cuda=False, verbose=False)
+        except Exception as e:  # noqa: BLE001 - any failure to build or load means "not available"
+            _error = _summarize(e, build_dir)
+            return
+        if _ext.NOISE_R != NOISE_R:  # pragma: no cover - a stale build of another layout
+            _ext, _error = None, f"the built extension has NOISE_R={_ext.NOISE_R}, expected {NOISE_R}"
+
+
+def status() -> str | None:
+    """None when the C++ step kernels are built and loaded (building them on first call);
+    otherwise one line that says what is missing (no compiler, no ninja, a failed build)."""
+    if not _tried:
+        _build()
+    return _error
+
+
+def available() -> bool:
+    """Whether the C++ step kernels can be used in this process (builds them on first call)."""
+    return status() is None
+
+
+def require(who: str = "backend='cpp'"):
+    """The loaded extension, or a RuntimeError of one line saying what is missing."""
+    reason = status()
+    if reason is not None:
+        raise RuntimeError(f"{who} needs the C++ step kernels, which are not available: {reason}")
+    return _ext
+
+
+# --------------------------------------------------------------------------------------
+# Validation: the same rules and messages as kernels/sampler_step.py, CPU tensors instead of CUDA
+# --------------------------------------------------------------------------------------
+
+def _check_tensors(op: str, named: dict):
+    """All tensors: same shape, dtype, device (the CPU); supported dtype; contiguous. Returns the first."""
+    items = list(named.items())
+    for name, t in items:
+        if not torch.is_tensor(t):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    name0, x = items[0]
+    for name, t in items[1:]:
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {name0} is on {x.device}; all tensors must "
+                             "share one device")
+    for name, t in items[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
+                            "one storage dtype")
+    check_dtype(op, x.dtype, STEP_DTYPES)
+    if x.ndim < 1:
+        raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
+    for name, t in items[1:]:
+        if t.shape != x.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {name0}'s shape {tuple(x.shape)}")
+    for name, t in items:
+        # Rejected rather than copied: a hidden .contiguous() would add a full extra pass.
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
+                             "call .contiguous() first")
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: the C++ step kernels take CPU tensors, got {x.device} "
+                         "(kernels.sampler_step runs the same updates on CUDA)")
+    if x.numel() > _MAX_NUMEL:
+        raise ValueError(f"{op}: at most {_MAX_NUMEL} elements per call (int32 offsets), got {x.numel()}")
+    return x
+
+
+def _coef_arg(op: str, name: str, c, x: torch.Tensor):
+    """(value, tensor or None) for a coefficient: a python number, a 0-d tensor or a (B,) tensor;
+    tensors are read in fp32, as the Triton kernels load them."""
+    if torch.is_tensor(c):
+        if not c.is_floating_point():
+            raise TypeError(f"{op}: coefficient {name} must be a floating tensor, got dtype {c.dtype}")
+        if c.device != x.device:
+            raise ValueError(f"{op}: coefficient {name} is on {c.device} but the tensors are on {x.device}; "
+                             "compute the coefficient tables on the device before the loop")
+        if c.ndim == 0 or (c.ndim == 1 and c.shape[0] == x.shape[0]):
+            return 0.0, c.to(torch.float32).contiguous()
+        raise ValueError(f"{op}: coefficient {name} must be a scalar or have shape (B,) = ({x.shape[0]},), "
+                         f"got shape {tuple(c.shape)}")
+    if isinstance(c, numbers.Real) and not isinstance(c, bool):
+        return float(c), None
+    raise TypeError(f"{op}: coefficient {name} must be a python number or a tensor, got {type(c).__name__}")
+
+
+def _check_key(op: str, seed, step):
+    """seed and step as python ints in [0, 2**32); numpy integers are accepted."""
+    if type(seed) is int and type(step) is int and 0 <= seed < 2**32 and 0 <= step < 2**32:
+        return seed, step
+    for name, v in (("seed", seed), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{op}: {name} must be an integer for in-kernel noise, got {type(v).__name__}")
+        if not 0 <= int(v) < 2**32:
+            raise ValueError(f"{op}: {name} must lie in [0, 2**32), got {v}")
+    return int(seed), int(step)
+
+
+def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, step=None, out=None):
+    """Validate, then one pass computing sum_k c_k t_k (+ c_z z): kernels.sampler_step._launch's rules."""
+    if c_z is None:
+        if z is not None:
+            raise ValueError(f"{op}: z was given but c_z is None; pass c_z to inject noise")
+        noise = _NO_NOISE
+    elif z is not None:
+        if seed is not None:
+            raise ValueError(f"{op}: give either an explicit z or a seed for in-kernel noise, not both")
+        noise = _EXPLICIT
+    else:
+        if seed is None or step is None:
+            raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
+        noise = _PHILOX
+    named = dict(tensors)
+    if noise == _EXPLICIT:
+        named["z"] = z
+    if out is not None:
+        named["out"] = out
+    x = _check_tensors(op, named)
+    seed, step = _check_key(op, seed, step) if noise == _PHILOX else (0, 0)
+    args = [_coef_arg(op, n, c, x) for n, c in coefs.items()]
+    args += [(0.0, None)] * (4 - len(args))
+    args.append(_coef_arg(op, "c_z", c_z, x) if noise != _NO_NOISE else (0.0, None))
+    ext = require(op)
+    if out is None:
+        out = torch.empty_like(x)
+    ext.affine(out, list(tensors.values()), z if noise == _EXPLICIT else None, [a for a, _ in args],
+               [t for _, t in args], noise, seed, step)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Public launchers: kernels.sampler_step's, on CPU tensors (any of fp32/fp64/fp16/bf16)
+# --------------------------------------------------------------------------------------
+# Coefficients: python numbers, 0-d tensors or (B,) tensors (any floating dtype, used in fp32).
+# Tensors: one shape (B, ...), one dtype, contiguous, on the CPU. The result has x's dtype; `out=`
+# may alias an input (each element is read before it is written). No autograd.
+
+
+def predict(x, s, c_x, c_s, *, out=None) -> torch.Tensor:
+    """x_pred = c_x x + c_s s (mirrors `wgfcore.ops.predict`)."""
+    return _launch("predict", {"x": x, "s": s}, {"c_x": c_x, "c_s": c_s}, out=out)
+
+
+def em(x, s, c_x, c_s, c_z=None, *, z=None, seed=None, step=None, out=None) -> torch.Tensor:
+    """x <- (c_x x + c_s s) + c_z z (mirrors `wgfcore.ops.em_step`); z explicit, or drawn from
+    Philox keyed by (seed, step) exactly as the Triton kernels draw it; c_z None: no noise."""
+    return _launch("em", {"x": x, "s": s}, {"c_x": c_x, "c_s": c_s}, c_z, z, seed, step, out)
+
+
+def project(x_pred, T, c_T, c_z=None, *, z=None, seed=None, step=None, out=None) -> torch.Tensor:
+    """x <- (x_pred + c_T T) + c_z z (mirrors `wgfcore.ops.project`; Ghimire et al. Alg. 1)."""
+    return _launch("project", {"x_pred": x_pred, "T": T}, {"c_xpred": 1.0, "c_T": c_T}, c_z, z, seed, step, out)
+
+
+def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
+    """x <- c_x x + c_s s + c_xp x' + c_sp s' (mirrors `wgfcore.ops.heun_correct`)."""
+    return _launch("heun", {"x": x, "s": s, "x_p": x_p, "s_p": s_p},
+                   {"c_x": c_x, "c_s": c_s, "c_xp": c_xp, "c_sp": c_sp}, out=out)
+
+
+# --------------------------------------------------------------------------------------
+# The sampling loop's backend
+# --------------------------------------------------------------------------------------
+
+# Each update's table columns as the sampler hands them over, and the tensors it combines.
+_TABLES = {
+    "predict": ("c_x, c_s", 2),
+    "em": ("c_x, c_s, c_z", 2),
+    "project": ("c_T, c_z", 2),
+    "heun": ("c_x, c_s, c_xp, c_sp", 4),
+}
+
+
+class CppSteps:
+    """Step backend for `wgfcore.sample` with the C++ kernels (the protocol of `TritonSteps`).
+
+    `plan(x, tables)` validates the state and the tables once and packs each table into
+    (N, NT + 1) fp32 rows; a step is then one call into C++ (no further checks), which reads row
+    i, draws the noise of step i from Philox keyed by (seed, i) in the pass, and counts NaN/inf in
+    the network output it reads into `finite_flag` (the first bad step), so the sampler needs no
+    guard pass of its own. `seed`: a python int in [0, 2**32) or a 0-d int64 CPU tensor (its low
+    32 bits are the key), as `wgfcore.sample.draw_key` draws it.
+    """
+
+    name = "cpp"
+
+    def __init__(self, seed, device=None):
+        if torch.is_tensor(seed):
+            if seed.ndim != 0 or seed.dtype != torch.int64:
+                raise TypeError(f"CppSteps: a seed tensor must be 0-d int64, got {seed.dtype} of shape "
+                                f"{tuple(seed.shape)}")
+            self.seed = seed
+        else:
+            self.seed, _ = _check_key("CppSteps", seed, 0)
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None and self.device.type != "cpu":
+            raise ValueError(f"CppSteps: the C++ step kernels run on the CPU, got device={self.device}")
+        self._tables = None
+        #: after plan(): a 0-d int64 tensor, FLAG_CLEAR until a checked network output held a NaN
+        #: or inf, then the first such step (the sampler reads it once, after the loop)
+        self.finite_flag = None
+
+    def plan(self, x: torch.Tensor, tables: dict) -> "CppSteps":
+        """Validate x and the tables once; keep everything a step needs. Returns self."""
+        _check_tensors("CppSteps", {"x": x})
+        packed = {}
+        for name, tab in tables.items():
+            if name not in _TABLES:
+                raise ValueError(f"CppSteps: unknown coefficient table {name!r}; known: {sorted(_TABLES)}")
+            cols, nt = _TABLES[name]
+            ncol = cols.count(",") + 1
+            if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != ncol or not tab.is_floating_point():
+                raise ValueError(f"CppSteps: table {name!r} must be a floating (N, {ncol}) tensor with columns "
+                                 f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
+            if tab.device != x.device:
+                raise ValueError(f"CppSteps: table {name!r} is on {tab.device}, the state on {x.device}")
+            tab = tab.to(torch.float32)
+            n = tab.shape[0]
+            if name in ("predict", "heun"):  # no noise column: the kernel's row has one, zero
+                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
+            elif name == "project":  # x_pred enters with coefficient 1, exactly as in wgfcore.ops.project
+                tab = torch.cat([tab.new_ones(n, 1), tab], 1)
+            packed[name] = (tab.contiguous(), n)
+        seed = self.seed
+        if torch.is_tensor(seed):
+            if seed.device != x.device:
+                raise ValueError(f"CppSteps: the seed tensor is on {seed.device}, the state on {x.device}")
+        else:
+            seed = torch.tensor(seed, dtype=torch.int64)
+        self._ext = require("CppSteps")
+        self._seed_t = seed
+        self._dtype = x.dtype
+        self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64)
+        self._tables = packed
+        return self
+
+    def accept(self, t: torch.Tensor) -> torch.Tensor:
+        """A network output as the kernels take it: contiguous, in the state's dtype or fp32.
+
+        Both conversions keep the values the update uses: a 16-bit output is exact in fp32, and
+        wgfcore.ops reads an fp64 output in fp32 too.
+        """
+        if t.dtype != self._dtype and t.dtype != torch.float32:
+            t = t.float()
+        return t if t.is_contiguous() else t.contiguous()
+
+    def _step(self, name, i, t0, t1, t2, t3, nt, noisy):
+        tab, n = self._tables[name]
+        if not 0 <= i < n:
+            raise IndexError(f"CppSteps: step {i} outside the planned table {name!r} of {n} rows")
+        return self._ext.table_step(t0, t1, t2, t3, tab, i, nt, noisy, self._seed_t, self.finite_flag)
+
+    # The second tensor of predict/em/project and the fourth of heun are network outputs: the
+    # pass checks them for NaN/inf into finite_flag.
+    def predict(self, x, s, table: str, i: int):
+        return self._step(table, i, x, s, x, s, 2, False)
+
+    def em(self, x, s, table: str, i: int, noisy: bool):
+        return self._step(table, i, x, s, x, s, 2, noisy)
+
+    def project(self, x_pred, T, table: str, i: int, noisy: bool):
+        return self._step(table, i, x_pred, T, x_pred, T, 2, noisy)
+
+    def heun(self, x, s, x_p, s_p, table: str, i: int):
+        return self._step(table, i, x, s, x_p, s_p, 4, False)
+
+    def __repr__(self):
+        seed = "<tensor>" if torch.is_tensor(self.seed) else self.seed
+        return f"CppSteps(seed={seed}, device={self.device})"
