@@ -27,6 +27,7 @@ import threading
 import torch
 
 from ._common import check_dtype
+from .optable import OPS, StepOp
 
 __all__ = ["predict", "em", "project", "heun", "CppSteps", "status", "available", "require", "NOISE_R",
            "FLAG_CLEAR", "STEP_DTYPES"]
@@ -177,8 +178,16 @@ def require(who: str = "backend='cpp'"):
 
 
 # --------------------------------------------------------------------------------------
-# Validation: the same rules and messages as kernels/sampler_step.py, CPU tensors instead of CUDA
+# Validation: kernels.sampler_step's rules and messages, with the CPU as the device rule.
+# These mirror the launchers' checks until they move to kernels/_common.py (/work/notes/cpp-needs.md);
+# tests/test_cpu_steps.py holds both backends to the same messages.
 # --------------------------------------------------------------------------------------
+
+def _check_cpu(op: str, x: torch.Tensor) -> None:
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: the C++ step kernels take CPU tensors, got {x.device} "
+                         "(kernels.sampler_step runs the same updates on CUDA)")
+
 
 def _check_tensors(op: str, named: dict):
     """All tensors: same shape, dtype, device (the CPU); supported dtype; contiguous. Returns the first."""
@@ -206,17 +215,15 @@ def _check_tensors(op: str, named: dict):
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
                              "call .contiguous() first")
-    if x.device.type != "cpu":
-        raise ValueError(f"{op}: the C++ step kernels take CPU tensors, got {x.device} "
-                         "(kernels.sampler_step runs the same updates on CUDA)")
+    _check_cpu(op, x)
     if x.numel() > _MAX_NUMEL:
         raise ValueError(f"{op}: at most {_MAX_NUMEL} elements per call (int32 offsets), got {x.numel()}")
     return x
 
 
 def _coef_arg(op: str, name: str, c, x: torch.Tensor):
-    """(value, tensor or None) for a coefficient: a python number, a 0-d tensor or a (B,) tensor;
-    tensors are read in fp32, as the Triton kernels load them."""
+    """(value, fp32 tensor or None) for a coefficient: a python number, a 0-d tensor or a (B,)
+    tensor; a tensor is read in fp32, as the Triton kernels load it."""
     if torch.is_tensor(c):
         if not c.is_floating_point():
             raise TypeError(f"{op}: coefficient {name} must be a floating tensor, got dtype {c.dtype}")
@@ -244,35 +251,65 @@ def _check_key(op: str, seed, step):
     return int(seed), int(step)
 
 
-def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, step=None, out=None):
-    """Validate, then one pass computing sum_k c_k t_k (+ c_z z): kernels.sampler_step._launch's rules."""
+def _noise_mode(spec: StepOp, coefs: tuple, z, seed, step) -> int:
+    op = spec.name
+    c_z = coefs[spec.columns.index(spec.noise)] if spec.noise is not None else None
     if c_z is None:
         if z is not None:
             raise ValueError(f"{op}: z was given but c_z is None; pass c_z to inject noise")
-        noise = _NO_NOISE
-    elif z is not None:
+        return _NO_NOISE
+    if z is not None:
         if seed is not None:
             raise ValueError(f"{op}: give either an explicit z or a seed for in-kernel noise, not both")
-        noise = _EXPLICIT
-    else:
-        if seed is None or step is None:
-            raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
-        noise = _PHILOX
-    named = dict(tensors)
+        return _EXPLICIT
+    if seed is None or step is None:
+        raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
+    return _PHILOX
+
+
+def _check_tables(owner: str, x: torch.Tensor, tables: dict) -> dict:
+    checked = {}
+    for name, tab in tables.items():
+        spec = OPS.get(name)
+        if spec is None:
+            raise ValueError(f"{owner}: unknown coefficient table {name!r}; known: {sorted(OPS)}")
+        if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != spec.ncol or not tab.is_floating_point():
+            raise ValueError(f"{owner}: table {name!r} must be a floating (N, {spec.ncol}) tensor with columns "
+                             f"({', '.join(spec.columns)}), got {getattr(tab, 'shape', type(tab).__name__)}")
+        if tab.device != x.device:
+            raise ValueError(f"{owner}: table {name!r} is on {tab.device}, the state on {x.device}")
+        checked[name] = (spec, tab)
+    return checked
+
+
+def _pack_table(spec: StepOp, tab: torch.Tensor) -> torch.Tensor:
+    """A sampler table (N, spec.ncol) as the kernels' (N, NT + 1) fp32 rows (kernels.optable)."""
+    tab = tab.to(torch.float32)
+    cols = [tab[:, k] if isinstance(k, int) else tab.new_full((tab.shape[0],), k) for k in spec.kernel_columns()]
+    return torch.stack(cols, 1).contiguous()
+
+
+def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=None, out=None):
+    """Validate, then one pass computing sum_k a_k t_k (+ c_z z); `coefs` are `spec.columns` in order,
+    the noise column None for no noise term (kernels.sampler_step._launch's rules)."""
+    op = spec.name
+    noise = _noise_mode(spec, coefs, z, seed, step)
+    named = dict(zip(spec.tensors, tensors))
     if noise == _EXPLICIT:
         named["z"] = z
     if out is not None:
         named["out"] = out
     x = _check_tensors(op, named)
     seed, step = _check_key(op, seed, step) if noise == _PHILOX else (0, 0)
-    args = [_coef_arg(op, n, c, x) for n, c in coefs.items()]
-    args += [(0.0, None)] * (4 - len(args))
-    args.append(_coef_arg(op, "c_z", c_z, x) if noise != _NO_NOISE else (0.0, None))
+    by_name = dict(zip(spec.columns, coefs))
+    args = [_coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), None) for a in spec.scales]
+    args += [(0.0, None)] * (4 - spec.nt)
+    args.append(_coef_arg(op, spec.noise, by_name[spec.noise], x) if noise != _NO_NOISE else (0.0, None))
     ext = require(op)
     if out is None:
         out = torch.empty_like(x)
-    ext.affine(out, list(tensors.values()), z if noise == _EXPLICIT else None, [a for a, _ in args],
-               [t for _, t in args], noise, seed, step)
+    ext.affine(out, list(tensors), z if noise == _EXPLICIT else None, [a for a, _ in args], [t for _, t in args],
+               noise, seed, step)
     return out
 
 
@@ -286,38 +323,28 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
 
 def predict(x, s, c_x, c_s, *, out=None) -> torch.Tensor:
     """x_pred = c_x x + c_s s (mirrors `wgfcore.ops.predict`)."""
-    return _launch("predict", {"x": x, "s": s}, {"c_x": c_x, "c_s": c_s}, out=out)
+    return _launch(OPS["predict"], (x, s), (c_x, c_s), out=out)
 
 
 def em(x, s, c_x, c_s, c_z=None, *, z=None, seed=None, step=None, out=None) -> torch.Tensor:
     """x <- (c_x x + c_s s) + c_z z (mirrors `wgfcore.ops.em_step`); z explicit, or drawn from
     Philox keyed by (seed, step) exactly as the Triton kernels draw it; c_z None: no noise."""
-    return _launch("em", {"x": x, "s": s}, {"c_x": c_x, "c_s": c_s}, c_z, z, seed, step, out)
+    return _launch(OPS["em"], (x, s), (c_x, c_s, c_z), z, seed, step, out)
 
 
 def project(x_pred, T, c_T, c_z=None, *, z=None, seed=None, step=None, out=None) -> torch.Tensor:
     """x <- (x_pred + c_T T) + c_z z (mirrors `wgfcore.ops.project`; Ghimire et al. Alg. 1)."""
-    return _launch("project", {"x_pred": x_pred, "T": T}, {"c_xpred": 1.0, "c_T": c_T}, c_z, z, seed, step, out)
+    return _launch(OPS["project"], (x_pred, T), (c_T, c_z), z, seed, step, out)
 
 
 def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
     """x <- c_x x + c_s s + c_xp x' + c_sp s' (mirrors `wgfcore.ops.heun_correct`)."""
-    return _launch("heun", {"x": x, "s": s, "x_p": x_p, "s_p": s_p},
-                   {"c_x": c_x, "c_s": c_s, "c_xp": c_xp, "c_sp": c_sp}, out=out)
+    return _launch(OPS["heun"], (x, s, x_p, s_p), (c_x, c_s, c_xp, c_sp), out=out)
 
 
 # --------------------------------------------------------------------------------------
 # The sampling loop's backend
 # --------------------------------------------------------------------------------------
-
-# Each update's table columns as the sampler hands them over, and the tensors it combines.
-_TABLES = {
-    "predict": ("c_x, c_s", 2),
-    "em": ("c_x, c_s, c_z", 2),
-    "project": ("c_T, c_z", 2),
-    "heun": ("c_x, c_s, c_xp, c_sp", 4),
-}
-
 
 class CppSteps:
     """Step backend for `wgfcore.sample` with the C++ kernels (the protocol of `TritonSteps`).
@@ -339,7 +366,7 @@ class CppSteps:
                                 f"{tuple(seed.shape)}")
             self.seed = seed
         else:
-            self.seed, _ = _check_key("CppSteps", seed, 0)
+            self.seed = _check_key("CppSteps", seed, 0)[0]
         self.device = torch.device(device) if device is not None else None
         if self.device is not None and self.device.type != "cpu":
             raise ValueError(f"CppSteps: the C++ step kernels run on the CPU, got device={self.device}")
@@ -351,24 +378,7 @@ class CppSteps:
     def plan(self, x: torch.Tensor, tables: dict) -> "CppSteps":
         """Validate x and the tables once; keep everything a step needs. Returns self."""
         _check_tensors("CppSteps", {"x": x})
-        packed = {}
-        for name, tab in tables.items():
-            if name not in _TABLES:
-                raise ValueError(f"CppSteps: unknown coefficient table {name!r}; known: {sorted(_TABLES)}")
-            cols, nt = _TABLES[name]
-            ncol = cols.count(",") + 1
-            if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != ncol or not tab.is_floating_point():
-                raise ValueError(f"CppSteps: table {name!r} must be a floating (N, {ncol}) tensor with columns "
-                                 f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
-            if tab.device != x.device:
-                raise ValueError(f"CppSteps: table {name!r} is on {tab.device}, the state on {x.device}")
-            tab = tab.to(torch.float32)
-            n = tab.shape[0]
-            if name in ("predict", "heun"):  # no noise column: the kernel's row has one, zero
-                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
-            elif name == "project":  # x_pred enters with coefficient 1, exactly as in wgfcore.ops.project
-                tab = torch.cat([tab.new_ones(n, 1), tab], 1)
-            packed[name] = (tab.contiguous(), n)
+        checked = _check_tables("CppSteps", x, tables)
         seed = self.seed
         if torch.is_tensor(seed):
             if seed.device != x.device:
@@ -379,7 +389,7 @@ class CppSteps:
         self._seed_t = seed
         self._dtype = x.dtype
         self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64)
-        self._tables = packed
+        self._tables = {name: (_pack_table(spec, tab), tab.shape[0]) for name, (spec, tab) in checked.items()}
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
@@ -398,8 +408,8 @@ class CppSteps:
             raise IndexError(f"CppSteps: step {i} outside the planned table {name!r} of {n} rows")
         return self._ext.table_step(t0, t1, t2, t3, tab, i, nt, noisy, self._seed_t, self.finite_flag)
 
-    # The second tensor of predict/em/project and the fourth of heun are network outputs: the
-    # pass checks them for NaN/inf into finite_flag.
+    # The network output each update reads (kernels.optable's `checked`: s, T, s') is checked
+    # for NaN/inf into finite_flag in the same pass.
     def predict(self, x, s, table: str, i: int):
         return self._step(table, i, x, s, x, s, 2, False)
 

@@ -229,11 +229,42 @@ def test_plan_noise_matches_tritonsteps():
     assert float((got - want).abs().max()) <= 1e-5
 
 
+def box_muller16_reference(seed, step, n):
+    """kernels/noise.py's transform for 16-bit states (/work/notes/noise.md), in numpy float32 on
+    the reference Philox words: 24-bit uniforms, th in [-pi, pi), rad = sqrt(max(-2 ln2 log2 u, 0))."""
+    e = np.arange(n)
+    R = cs.NOISE_R
+    c = (e // (4 * R)) * R + e % R
+    w = philox_reference([c, 0 * c, 0 * c, 0 * c], seed, step)
+    f32 = np.float32
+
+    def pair(w_r, w_a):
+        u = ((w_r >> np.uint64(8)) + np.uint64(1)).astype(f32) * f32(2.0**-24)
+        t = (w_a.astype(np.uint32).view(np.int32) >> 8).astype(f32) * f32(2.0**-24)
+        th = t * f32(6.283185307179586)
+        rad = np.sqrt(np.maximum(np.log2(u) * f32(-1.3862943611198906), f32(0)))
+        return rad * np.cos(th), rad * np.sin(th)
+
+    n01, n23 = pair(w[:, 0], w[:, 1]), pair(w[:, 2], w[:, 3])
+    z = np.stack([n01[0], n01[1], n23[0], n23[1]], 1)
+    return torch.from_numpy(z[np.arange(n), (e // R) % 4].astype(np.float32))
+
+
+@pytest.mark.parametrize("seed,step", [(1, 2), (2**32 - 1, 77)])
+def test_noise16_matches_its_reference(seed, step):
+    """16-bit states draw kernels/noise.py's box_muller16; the pass rounds that z once."""
+    n = 3 * 4096 + 5
+    z16 = cs.require().noise(seed, step, n, True)
+    assert float((z16 - box_muller16_reference(seed, step, n)).abs().max()) <= 1e-5
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(noise((n,), seed, step, dtype), z16.to(dtype))
+
+
 def test_noise_depends_only_on_key_and_offset():
+    ext = cs.require()
     z = noise((3, 9000), seed=9, step=2)
-    # Storage dtype: the fp32 noise rounded once (fp16, bf16), held exactly (fp64).
-    assert torch.equal(noise((3, 9000), 9, 2, torch.float16), z.half())
-    assert torch.equal(noise((3, 9000), 9, 2, torch.bfloat16), z.bfloat16())
+    assert torch.equal(z.flatten(), ext.noise(9, 2, 27000, False))
+    # fp64 states hold the fp32 noise exactly; other shapes of the same elements draw the same.
     assert torch.equal(noise((3, 9000), 9, 2, torch.float64), z.double())
     assert torch.equal(noise((27000,), 9, 2), z.flatten())
     c = torch.tensor([0.5, -2.0, 3.0])
@@ -243,6 +274,7 @@ def test_noise_depends_only_on_key_and_offset():
     try:
         torch.set_num_threads(2)
         assert torch.equal(noise((3, 9000), 9, 2), z)
+        assert torch.equal(noise((3, 9000), 9, 2, torch.float16), ext.noise(9, 2, 27000, True).half().view(3, 9000))
     finally:
         torch.set_num_threads(threads)
 
@@ -254,9 +286,10 @@ def test_noise_depends_only_on_key_and_offset():
 N_BIG = 1 << 22
 
 
-@pytest.fixture(scope="module")
-def big_noise():
-    return noise((N_BIG,), seed=2026, step=11).double()
+@pytest.fixture(scope="module", params=["randn4x", "box_muller16"])
+def big_noise(request):
+    """Both transforms, unrounded (the 16-bit one as the fp32 z the pass rounds once)."""
+    return cs.require().noise(2026, 11, N_BIG, request.param == "box_muller16").double()
 
 
 def corr(a, b):
@@ -282,13 +315,15 @@ def test_noise_lags_uncorrelated(big_noise):
         assert abs(corr(z[:-lag] ** 2, z[lag:] ** 2)) <= bound, f"lag {lag}, squares"
 
 
-def test_noise_keys_independent():
+@pytest.mark.parametrize("b16", [False, True])
+def test_noise_keys_independent(b16):
     n = 1 << 20
-    base = noise((n,), seed=5, step=3)
+    draw = cs.require().noise
+    base = draw(5, 3, n, b16)
     bound = 6 / math.sqrt(n)
     # Another step or seed, and the swaps that a key seed + step (or seed * k + step) would alias.
     for seed, step in [(5, 4), (6, 3), (3, 5), (4, 4), (6, 2), (5 + 2**16, 3)]:
-        assert abs(corr(base, noise((n,), seed, step))) <= bound, (seed, step)
+        assert abs(corr(base, draw(seed, step, n, b16))) <= bound, (seed, step)
 
 
 # --- CppSteps: the sampling loop's backend ---------------------------------------------------------

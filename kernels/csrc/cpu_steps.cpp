@@ -29,8 +29,6 @@ namespace {
 
 constexpr int64_t R = WGF_NOISE_R;  // counters per group; a group is 4 R elements
 constexpr int64_t GROUP = 4 * R;
-constexpr int64_t CHUNK = 256;      // counters whose normals are formed at once (4 KB of buffer)
-static_assert(R % CHUNK == 0, "NOISE_R must be a multiple of CHUNK");
 
 enum Noise : int64_t { NOISE_NONE = 0, NOISE_EXPLICIT = 1, NOISE_PHILOX = 2 };
 
@@ -64,7 +62,7 @@ inline int64_t nonfinite(float v) { return (bits_of(v) & 0x7f800000u) == 0x7f800
 
 // --- the noise: Philox4x32-10 and Box-Muller exactly as triton.language.random -------------------
 
-// log on [1e-7, 1): x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by Cephes' logf
+// log of a positive normal float (here in [2^-24, 1]): x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by Cephes' logf
 // polynomial (S. L. Moshier), e ln 2 split in two so that the sum stays within ~1 ulp.
 inline float log_unit(float x) {
   // Selects are written on integer bits: GCC turns float ternaries into branches here, and a
@@ -92,10 +90,11 @@ inline float log_unit(float x) {
   return (f + y) + 0.693359375f * fe;
 }
 
-// sin and cos of th in [0, 2 pi]: th = j pi/2 + r (three-part pi/2, exact products for j <= 4),
-// Cephes' sinf/cosf polynomials on |r| <= pi/4, then the quadrant's swap and signs.
+// sin and cos of th in [-pi, 2 pi]: th = j pi/2 + r (three-part pi/2, exact products for |j| <= 4),
+// Cephes' sinf/cosf polynomials on |r| <= pi/4, then the quadrant's swap and signs (j & 3 is the
+// quadrant for negative j too).
 inline void sincos_turn(float th, float* s_out, float* c_out) {
-  int32_t j = static_cast<int32_t>(th * 0.636619772f + 0.5f);  // th >= 0: truncation rounds
+  int32_t j = static_cast<int32_t>(std::floor(th * 0.636619772f + 0.5f));
   float jf = static_cast<float>(j);
   float r = ((th - jf * 1.5703125f) - jf * 4.837512969970703125e-4f) - jf * 7.54978995489188216e-8f;
   float z = r * r;
@@ -119,7 +118,7 @@ inline float uniform(uint32_t x) {
   return static_cast<float>(i) * 4.6566127342e-10f;
 }
 
-// Box-Muller as triton's pair_uniform_to_normal.
+// Box-Muller as triton's pair_uniform_to_normal (tl.randn4x: fp32 and fp64 states).
 inline void box_muller(float u1, float u2, float* n1, float* n2) {
   u1 = float_of(std::max(bits_of(u1), bits_of(1.0e-7f)));  // max(1e-7, u1): both >= 0, so on bits
   float th = 6.283185307179586f * u2;
@@ -139,9 +138,9 @@ inline uint32_t mulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-void philox_portable(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, uint32_t (*u)[CHUNK]) {
+void philox_portable(uint32_t k0, uint32_t k1, uint32_t c0, int64_t j0, int64_t j1, uint32_t (*u)[R]) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     uint32_t x0 = c0 + static_cast<uint32_t>(j), x1 = 0, x2 = 0, x3 = 0;
     uint32_t a = k0, b = k1;
 #pragma GCC unroll 10
@@ -173,10 +172,10 @@ inline void mul_hilo(__m512i x, __m512i m, __m512i* hi, __m512i* lo) {
   *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
-void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, uint32_t (*u)[CHUNK]) {
+void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t j0, int64_t j1, uint32_t (*u)[R]) {
   const __m512i A = _mm512_set1_epi32(static_cast<int>(PHILOX_A)), B = _mm512_set1_epi32(static_cast<int>(PHILOX_B));
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t j = 0; j < n; j += LANES) {  // n <= CHUNK, a multiple of LANES: whole vectors
+  for (int64_t j = j0; j < j1; j += LANES) {  // whole vectors: j0 is a multiple of LANES, and so is R
     __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0 + static_cast<uint32_t>(j))), iota);
     __m512i x1 = _mm512_setzero_si512(), x2 = x1, x3 = x1;
     uint32_t a = k0, b = k1;
@@ -205,10 +204,10 @@ inline void mul_hilo(__m256i x, __m256i m, __m256i* hi, __m256i* lo) {
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
   *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
-void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, uint32_t (*u)[CHUNK]) {
+void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t j0, int64_t j1, uint32_t (*u)[R]) {
   const __m256i A = _mm256_set1_epi32(static_cast<int>(PHILOX_A)), B = _mm256_set1_epi32(static_cast<int>(PHILOX_B));
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t j = 0; j < n; j += LANES) {
+  for (int64_t j = j0; j < j1; j += LANES) {
     __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c0 + static_cast<uint32_t>(j))), iota);
     __m256i x1 = _mm256_setzero_si256(), x2 = x1, x3 = x1;
     uint32_t a = k0, b = k1;
@@ -231,21 +230,69 @@ void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, uint32_t (*u)
 }
 #else
 constexpr int64_t LANES = 1;
-void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, uint32_t (*u)[CHUNK]) {
-  philox_portable(k0, k1, c0, n, u);
+void philox_simd(uint32_t k0, uint32_t k1, uint32_t c0, int64_t j0, int64_t j1, uint32_t (*u)[R]) {
+  philox_portable(k0, k1, c0, j0, j1, u);
 }
 #endif
-static_assert(CHUNK % LANES == 0, "CHUNK must hold whole vectors");
+static_assert(R % LANES == 0, "NOISE_R must hold whole vectors");
 
-// Four normals per counter c in [c0, c0 + n): tl.randn4x(key, c). out[k][j] is normal k of
-// counter c0 + j (Box-Muller of words 0, 1 gives normals 0, 1; of words 2, 3 normals 2, 3).
-__attribute__((noinline)) void normals(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, float (*out)[CHUNK]) {
-  alignas(64) uint32_t u[4][CHUNK];
-  philox_simd(k0, k1, c0, n, u);
+// The 16-bit states' transform, kernels/noise.py's box_muller16: 24-bit uniforms u in (0, 1] and
+// t in [-1/2, 1/2), exact in fp32; rad = sqrt(max(-2 ln 2 log2 u, 0)), here as -2 ln u (the same
+// number, one rounding fewer).
+inline void box_muller16(uint32_t w_r, uint32_t w_a, float* n1, float* n2) {
+  float u = static_cast<float>((w_r >> 8) + 1u) * 5.9604644775390625e-8f;                  // 2^-24
+  float t = static_cast<float>(static_cast<int32_t>(w_a) >> 8) * 5.9604644775390625e-8f;  // arithmetic shift
+  float th = t * 6.283185307179586f;
+  float v = -2.0f * log_unit(u);
+  float rad = std::sqrt(float_of(static_cast<uint32_t>(std::max(static_cast<int32_t>(bits_of(v)), 0))));  // max(v, 0)
+  float s, c;
+  sincos_turn(th, &s, &c);
+  *n1 = rad * c;
+  *n2 = rad * s;
+}
+
+// Four normals per counter c in [c0, c0 + n): tl.randn4x(key, c) (B16: box_muller16), in place: w[k][j] holds word k
+// of counter c0 + j, then (as float bits) normal k of it (Box-Muller of words 0, 1 gives normals
+// 0, 1; of words 2, 3 normals 2, 3). For c0 = g R, w read flat is the noise of group g's elements
+// in order: element g 4R + k R + r takes normal k of counter g R + r.
+//
+// While it computes, it asks for the cache lines of the next group (`ahead`), a slice after each
+// block of counters: the update that follows then streams from cache. Without this, the sweep
+// after each burst of arithmetic started cold, and a noisy step ran at a third of its speed once
+// the tensors were larger than the caches.
+struct Ahead {
+  const char* p[3];
+  int64_t bytes = 0;  // per region; 0: nothing to prefetch
+};
+constexpr int64_t BLOCK = 128;  // counters per slice of work (and of prefetches)
+
+template <bool B16>
+__attribute__((noinline)) void normals(uint32_t k0, uint32_t k1, uint32_t c0, int64_t n, uint32_t (*w)[R],
+                                       const Ahead& ahead) {
+  int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t j0 = b * BLOCK, j1 = std::min(n, j0 + BLOCK);
+    philox_simd(k0, k1, c0, j0, j1, w);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    box_muller(uniform(u[0][j]), uniform(u[1][j]), &out[0][j], &out[1][j]);
-    box_muller(uniform(u[2][j]), uniform(u[3][j]), &out[2][j], &out[3][j]);
+    for (int64_t j = j0; j < j1; ++j) {
+      float n0, n1, n2, n3;
+      if (B16) {
+        box_muller16(w[0][j], w[1][j], &n0, &n1);
+        box_muller16(w[2][j], w[3][j], &n2, &n3);
+      } else {
+        box_muller(uniform(w[0][j]), uniform(w[1][j]), &n0, &n1);
+        box_muller(uniform(w[2][j]), uniform(w[3][j]), &n2, &n3);
+      }
+      w[0][j] = bits_of(n0);
+      w[1][j] = bits_of(n1);
+      w[2][j] = bits_of(n2);
+      w[3][j] = bits_of(n3);
+    }
+    if (ahead.bytes) {
+      int64_t lo = ahead.bytes * b / blocks, hi = ahead.bytes * (b + 1) / blocks;
+      for (int k = 0; k < 3; ++k)
+        for (int64_t off = lo & ~int64_t{63}; off < hi; off += 64) __builtin_prefetch(ahead.p[k] + off, k == 2, 2);
+    }
   }
 }
 
@@ -309,8 +356,10 @@ int64_t run_span(S* out, const S* t0, const N* t1, const S* t2, const N* t3, con
   return bad;
 }
 
-// Groups [g0, g1) of GROUP elements. With PHILOX noise the normals of CHUNK counters are formed,
-// then the four runs they feed (elements g 4R + k R + r, k = 0..3) are updated.
+// Groups [g0, g1) of GROUP elements. With PHILOX noise each group's normals are formed first (a
+// 16 KB buffer, arithmetic in registers and L1), then the group is updated in one sequential
+// sweep: updating the four runs of a smaller chunk of counters instead (4 KB apart in memory)
+// measured 3x slower once the tensors left the caches.
 template <typename S, typename N, int NT, int NOISE, int CHECK>
 int64_t groups(S* out, const S* t0, const N* t1, const S* t2, const N* t3, const S* z, int64_t numel,
                int64_t inner, const Coefs& c, uint32_t seed, uint32_t step, int64_t g0, int64_t g1) {
@@ -319,20 +368,25 @@ int64_t groups(S* out, const S* t0, const N* t1, const S* t2, const N* t3, const
     return run_span<S, N, NT, NOISE, CHECK>(out, t0, t1, t2, t3, z, nullptr, g0 * GROUP,
                                             std::min(numel, g1 * GROUP), c, per_sample, inner);
   }
-  alignas(64) float buf[4][CHUNK];
+  alignas(64) uint32_t w[4][R];
+  const float* noise = reinterpret_cast<const float*>(&w[0][0]);
   int64_t bad = 0;
   for (int64_t g = g0; g < g1; ++g) {
     int64_t base = g * GROUP;
-    for (int64_t r0 = 0; r0 < R && base + r0 < numel; r0 += CHUNK) {
-      int64_t n = std::min(CHUNK, numel - base - r0);  // counters whose first output is used
-      normals(seed, step, static_cast<uint32_t>(g * R + r0), n, buf);
-      for (int k = 0; k < 4; ++k) {
-        int64_t lo = base + k * R + r0;
-        if (lo >= numel) break;
-        int64_t hi = std::min(lo + n, numel);
-        bad += run_span<S, N, NT, NOISE, CHECK>(out, t0, t1, t2, t3, z, buf[k], lo, hi, c, per_sample, inner);
-      }
+    Ahead ahead;
+#ifndef WGF_NO_PREFETCH
+    if (g + 1 < g1) {  // the next group's inputs and output
+      int64_t next = base + GROUP;
+      ahead.p[0] = reinterpret_cast<const char*>(t0 + next);
+      ahead.p[1] = reinterpret_cast<const char*>(t1 + next);
+      ahead.p[2] = reinterpret_cast<const char*>(out + next);
+      ahead.bytes = std::min(GROUP, numel - next) * static_cast<int64_t>(std::min(sizeof(S), sizeof(N)));
     }
+#endif
+    // Counters whose normals are used: element base + k R + r exists only if r < numel - base.
+    normals<sizeof(S) == 2>(seed, step, static_cast<uint32_t>(g * R), std::min(R, numel - base), w, ahead);
+    bad += run_span<S, N, NT, NOISE, CHECK>(out, t0, t1, t2, t3, z, noise, base, std::min(numel, base + GROUP), c,
+                                            per_sample, inner);
   }
   return bad;
 }
@@ -459,16 +513,32 @@ void affine(at::Tensor& out, const std::vector<at::Tensor>& ts, const c10::optio
 at::Tensor philox_words(int64_t seed, int64_t step, int64_t c0, int64_t n, bool simd) {
   at::Tensor w = at::empty({n, 4}, at::kLong);
   int64_t* o = w.data_ptr<int64_t>();
-  alignas(64) uint32_t u[4][CHUNK];
-  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
-    int64_t m = std::min(CHUNK, n - j0);
+  alignas(64) uint32_t u[4][R];
+  for (int64_t j0 = 0; j0 < n; j0 += R) {
+    int64_t m = std::min(R, n - j0);
     uint32_t c = static_cast<uint32_t>(c0 + j0);
-    if (simd) philox_simd(static_cast<uint32_t>(seed), static_cast<uint32_t>(step), c, m, u);
-    else philox_portable(static_cast<uint32_t>(seed), static_cast<uint32_t>(step), c, m, u);
+    if (simd) philox_simd(static_cast<uint32_t>(seed), static_cast<uint32_t>(step), c, 0, m, u);
+    else philox_portable(static_cast<uint32_t>(seed), static_cast<uint32_t>(step), c, 0, m, u);
     for (int64_t j = 0; j < m; ++j)
       for (int k = 0; k < 4; ++k) o[(j0 + j) * 4 + k] = u[k][j];
   }
   return w;
+}
+
+// z itself for elements [0, numel) before any rounding: the fp32 transform (b16 false) or the
+// 16-bit states' (tests: statistics and the reference of kernels/noise.py on unrounded values).
+at::Tensor noise(int64_t seed, int64_t step, int64_t numel, bool b16) {
+  at::Tensor z = at::empty({numel}, at::kFloat);
+  float* o = z.data_ptr<float>();
+  alignas(64) uint32_t w[4][R];
+  for (int64_t base = 0; base < numel; base += GROUP) {
+    int64_t n = std::min(R, numel - base);
+    uint32_t c = static_cast<uint32_t>(base / 4);
+    if (b16) normals<true>(static_cast<uint32_t>(seed), static_cast<uint32_t>(step), c, n, w, Ahead{});
+    else normals<false>(static_cast<uint32_t>(seed), static_cast<uint32_t>(step), c, n, w, Ahead{});
+    std::memcpy(o + base, &w[0][0], sizeof(float) * std::min(GROUP, numel - base));
+  }
+  return z;
 }
 
 // Threads that one parallel step of n elements runs on (the tests check that torch.set_num_threads
@@ -486,6 +556,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("table_step", &table_step, "one sampling-loop step from a packed coefficient table");
   m.def("affine", &affine, "sum_k c_k t_k (+ c_z z) with validated arguments");
   m.def("philox_words", &philox_words, "Philox4x32-10 words of a range of counters (tests)");
+  m.def("noise", &noise, "the noise of elements [0, numel) in fp32, before rounding (tests)");
   m.def("threads_used", &threads_used, "parallel chunks of one step of n elements");
   m.attr("NOISE_R") = R;
   m.attr("SIMD_LANES") = LANES;
