@@ -6,9 +6,10 @@ with a distribution-free interval for that median (order statistics, >= 90% cove
 
 - samplers (EM, Predict-Project, PF-ODE = reverse_sde a=0, Heun) at 64x3x32x32 with N=100 and
   256x3x64x64 with N=20, one thread and two: the C++ backend against a hand-written eager loop
-  of the same arithmetic (Python-float coefficients computed before the loop, in-place
-  torch ops, torch.randn noise). The score is s(x, t) = -x, exact for N(0, I) data, and the
-  projection T = s; both cost the same in every contestant. Targets: >= 2x for EM and
+  of the same arithmetic (Python-float coefficients computed before the loop, plain eager
+  torch expressions, torch.randn noise: the hand loop of bench/test_bench_loop.py). The score
+  is s(x, t) = -x, exact for N(0, I) data, and the projection T = -x/2; both cost the same in
+  every contestant. Targets: >= 2x for EM and
   Predict-Project, >= 1.5x for PF-ODE and Heun.
 - per-step host overhead at 64x2, N=1000: the C++ backend against the torch backend (>= 1x).
 - one fused step (CppSteps.em with noise, predict, project, heun) with its GB/s and share of the
@@ -29,6 +30,7 @@ import pytest
 import torch
 
 from kernels import cpu_steps as cs
+from kernels.optable import OPS
 from wgfcore import ops
 from wgfcore.sample import euler_maruyama, heun_ode, predict_project, reverse_sde
 from wgfcore.sde import VPSDE
@@ -43,15 +45,16 @@ pytestmark = pytest.mark.skipif(not cs.available(), reason=f"C++ step kernels un
 # --- timing -------------------------------------------------------------------------------------
 
 def interleave(fns: dict, rounds: int = ROUNDS) -> dict:
-    """Wall times of each function per round, run round-robin after one warm-up call each."""
+    """{name: [(wall, cpu), ...]} per round, run round-robin (the order reversed every other round)
+    after one warm-up call each. cpu is the process's CPU time (all its threads)."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for r in range(rounds):
         for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fns[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((time.perf_counter() - w0, time.process_time() - c0))
     return times
 
 
@@ -67,15 +70,22 @@ def median_interval(values, coverage: float = 0.9):
     return med, v[k - 1], v[n - k]
 
 
-def record_ratio(benchmark, times, base: str, cand: str, key: str):
-    """Paired ratios base/cand per round: the speed-up of cand over base."""
-    med, lo, hi = median_interval([b / c for b, c in zip(times[base], times[cand])])
-    ex = benchmark.extra_info
-    ex[key] = round(med, 3)
-    ex[key + "_interval"] = [round(lo, 3), round(hi, 3)]
+def record_ratio(benchmark, times, base: str, cand: str, key: str) -> dict:
+    """Paired ratios base/cand per round (the speed-up of cand over base), in wall and CPU time:
+    {"wall": (median, lo, hi), "cpu": (...)}, also stored in extra_info."""
+    ex, out = benchmark.extra_info, {}
+    for j, clock in enumerate(("wall", "cpu")):
+        med, lo, hi = median_interval([b[j] / c[j] for b, c in zip(times[base], times[cand])])
+        ex[f"{key}_{clock}"] = round(med, 3)
+        ex[f"{key}_{clock}_interval90"] = [round(lo, 3), round(hi, 3)]
+        out[clock] = (med, lo, hi)
     for name, ts in times.items():
-        ex[f"{name}_median_s"] = sorted(ts)[len(ts) // 2]
-    return med, lo, hi
+        ex[f"{name}_median_wall_s"] = sorted(w for w, _ in ts)[len(ts) // 2]
+    return out
+
+
+def fmt(r) -> str:
+    return f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]"
 
 
 def with_threads(n, fn):
@@ -92,6 +102,12 @@ def with_threads(n, fn):
 def load_note() -> dict:
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"loadavg_1min": round(load1, 2), "cpu_count": os.cpu_count()}
+
+
+def second_core_free(note) -> bool:
+    """Whether two threads can be timed at all: 2+ cores and the 1-minute load leaving one idle."""
+    cores = note["cpu_count"] or 1
+    return cores >= 2 and cores - note["loadavg_1min"] >= 1.0
 
 
 # --- the contestants ------------------------------------------------------------------------------
@@ -114,37 +130,44 @@ def cpp_run(sampler, shape, steps, seed=0):
             return reverse_sde(score, x, ts, a=0.0, step_backend=backend)
         if sampler == "heun_ode":
             return heun_ode(score, x, ts, step_backend=backend)
-        return predict_project(score, x, ts, proj_fn=score, delta_p=ops.default_delta_p(steps), step_backend=backend)
+        return predict_project(score, x, ts, proj_fn=proj, delta_p=ops.default_delta_p(steps), step_backend=backend)
     return run
 
 
+def proj(x, t):
+    """A cheap stand-in for the projection network T (the same in every contestant)."""
+    return -0.5 * x
+
+
 def hand_run(sampler, shape, steps, seed=0):
-    """The same run written by hand: coefficients as Python floats, in-place eager updates."""
+    """The loop a user writes: Python-float coefficients and per-step t made before the timing,
+    plain eager expressions (the same loop as bench/test_bench_loop.py's hand loop, issue 17)."""
     sde, ts = VPSDE(), ops.time_grid(steps)
-    t = [torch.full((shape[0],), float(v)) for v in ts]
+    t = list(ts.float()[:, None].expand(-1, shape[0]).unbind(0))
     if sampler == "heun_ode":
-        H = {k: v.tolist() for k, v in ops.heun_coefficients(sde, ts).items()}
+        h, b0, b1 = ts[:-1] - ts[1:], sde.beta(ts[:-1]), sde.beta(ts[1:])
+        hb, hb0, hb1 = (h * b0).tolist(), (0.5 * h * b0).tolist(), (0.5 * h * b1).tolist()
     else:
-        C = {k: v.tolist() for k, v in ops.reverse_coefficients(sde, ts, 0.0 if sampler == "pf_ode" else 1.0).items()}
-        c_T = ops.project_coefficients(sde, ts, ops.default_delta_p(steps)).tolist()
+        C = ops.reverse_coefficients(sde, ts, 0.0 if sampler == "pf_ode" else 1.0)
+        cx, cs, cz = C["c_x"].tolist(), C["c_s"].tolist(), C["c_z"].tolist()
+        cT = ops.project_coefficients(sde, ts, ops.default_delta_p(steps)).tolist()
 
     def run():
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(shape, generator=g)
         for i in range(steps):
-            last = i == steps - 1
             s = score(x, t[i])
-            if sampler == "heun_ode":
-                x_p = x.mul(H["p_x"][i]).add_(s, alpha=H["p_s"][i])
-                s_p = score(x_p, t[i + 1])
-                x = x.mul(H["c_x"][i]).add_(s, alpha=H["c_s"][i]).add_(x_p, alpha=H["c_xp"][i]) \
-                    .add_(s_p, alpha=H["c_sp"][i])
+            if sampler == "heun_ode":  # u = x + s reused: 8 tensor ops per step
+                u = x + s
+                x_p = x + hb[i] * u
+                x = x + hb0[i] * u + hb1[i] * (x_p + score(x_p, t[i + 1]))
                 continue
-            x = x.mul(C["c_x"][i]).add_(s, alpha=C["c_s"][i])
+            x_next = cx[i] * x + cs[i] * s
             if sampler == "predict_project":
-                x = x.add_(score(x, t[i + 1]), alpha=c_T[i])
-            if sampler != "pf_ode" and not last:
-                x = x.add_(torch.randn(shape, generator=g), alpha=C["c_z"][i])
+                x_next = x_next + cT[i] * proj(x_next, t[i + 1])
+            if sampler != "pf_ode" and i < steps - 1:
+                x_next = x_next + cz[i] * torch.randn(shape, generator=g)
+            x = x_next
         return x
     return run
 
@@ -164,13 +187,6 @@ def torch_run(sampler, shape, steps, seed=0):
     return run
 
 
-def test_hand_loops_compute_what_the_samplers_compute():
-    """The baseline does the same arithmetic: without noise it gives the C++ run's samples."""
-    for sampler in ("pf_ode", "heun_ode"):
-        a, b = hand_run(sampler, (4, 300), 10)(), cpp_run(sampler, (4, 300), 10)()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 # --- rows -------------------------------------------------------------------------------------------
 
 def _sampler_params():
@@ -182,52 +198,61 @@ def _sampler_params():
 
 @pytest.mark.parametrize("sampler,sname,threads", list(_sampler_params()))
 def test_sampler_vs_hand_loop(benchmark, sampler, sname, threads):
+    """Target on one thread: the CPU-time ratio (robust to other tenants); on two threads the wall
+    ratio, checked only when a second core is free (see the module docstring)."""
     shape, steps = SHAPES[sname]
-    fns = {"hand": with_threads(threads, hand_run(sampler, shape, steps)),
-           "cpp": with_threads(threads, cpp_run(sampler, shape, steps))}
+    hand, cpp = hand_run(sampler, shape, steps), cpp_run(sampler, shape, steps)
+    if sampler in ("pf_ode", "heun_ode"):  # no noise: the same samples, but for the order of the sums
+        torch.testing.assert_close(with_threads(threads, cpp)(), with_threads(threads, hand)(), rtol=1e-4, atol=1e-5)
+    fns = {"hand": with_threads(threads, hand), "cpp": with_threads(threads, cpp)}
     rounds = ROUNDS if sname == "64x3x32x32" else max(5, ROUNDS - 2)
     times = benchmark.pedantic(interleave, args=(fns, rounds), rounds=1, iterations=1)
-    med, lo, hi = record_ratio(benchmark, times, "hand", "cpp", "speedup_vs_hand")
+    r = record_ratio(benchmark, times, "hand", "cpp", "speedup_vs_hand")
+    note = load_note()
     benchmark.extra_info.update(sampler=sampler, shape=list(shape), steps=steps, threads=threads,
-                                target=TARGETS[sampler], rounds=rounds, **load_note())
-    assert med >= TARGETS[sampler], f"{sampler} {sname} {threads} thread(s): {med:.2f}x [{lo:.2f}, {hi:.2f}] " \
-                                    f"< {TARGETS[sampler]}x"
+                                target=TARGETS[sampler], rounds=rounds, **note)
+    what = f"{sampler} {sname} {threads} thread(s): wall {fmt(r['wall'])}, cpu {fmt(r['cpu'])}"
+    if threads == 1:
+        assert r["cpu"][0] >= TARGETS[sampler], f"{what} < {TARGETS[sampler]}x"
+    elif second_core_free(note):
+        assert r["wall"][0] >= TARGETS[sampler], f"{what} < {TARGETS[sampler]}x"
+    else:
+        warnings.warn(f"{what}: load {note['loadavg_1min']} on {note['cpu_count']} cores, target not checked")
 
 
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "pf_ode", "heun_ode"])
 def test_host_overhead_64x2(benchmark, sampler):
-    """N = 1000 steps on 64x2: host time per step, C++ backend against the torch backend."""
+    """N = 1000 steps on 64x2 (launch-bound): time per step, C++ backend against the torch backend."""
     shape, steps = (64, 2), 1000
     fns = {"torch": with_threads(1, torch_run(sampler, shape, steps)),
            "cpp": with_threads(1, cpp_run(sampler, shape, steps)),
            "hand": with_threads(1, hand_run(sampler, shape, steps))}
     times = benchmark.pedantic(interleave, args=(fns, ROUNDS), rounds=1, iterations=1)
-    med, lo, hi = record_ratio(benchmark, times, "torch", "cpp", "speedup_vs_torch")
+    r = record_ratio(benchmark, times, "torch", "cpp", "speedup_vs_torch")
     record_ratio(benchmark, times, "hand", "cpp", "speedup_vs_hand")
     ex = benchmark.extra_info
     ex.update(sampler=sampler, shape=list(shape), steps=steps, threads=1, **load_note())
-    ex["cpp_us_per_step"] = 1e6 * ex["cpp_median_s"] / steps
-    ex["torch_us_per_step"] = 1e6 * ex["torch_median_s"] / steps
-    assert med >= 1.0, f"{sampler} 64x2: the C++ path is {1 / med:.2f}x the torch path's time per step"
+    for name in fns:
+        ex[f"{name}_us_per_step"] = round(1e6 * ex[f"{name}_median_wall_s"] / steps, 2)
+    assert r["cpu"][0] >= 1.0, f"{sampler} 64x2: C++ vs torch path {fmt(r['cpu'])} (CPU time) < 1x"
 
 
-STEP_UPDATES = {"em": (2, [1.01, -0.02, 0.13], True), "predict": (2, [1.01, -0.02], False),
-                "project": (2, [-0.05, 0.13], True), "heun": (4, [1.01, -0.02, 0.01, -0.01], False)}
-BYTES_PER_ELEMENT = {"em": 3, "predict": 3, "project": 3, "heun": 5}  # inputs read once, output written once
+STEP_ROWS = {"em": [1.01, -0.02, 0.13], "predict": [1.01, -0.02], "project": [-0.05, 0.13],
+             "heun": [1.01, -0.02, 0.01, -0.01]}  # a table row per update (kernels.optable's columns)
 
 
 def _step_fn(update, shape):
-    n_t, row, noisy = STEP_UPDATES[update]
+    """One planned step of `update` (noise drawn in the pass where the update has a noise term)."""
+    spec = OPS[update]
     g = torch.Generator().manual_seed(0)
-    T = [torch.randn(shape, generator=g) for _ in range(n_t)]
-    steps = cs.CppSteps(1).plan(T[0], {update: torch.tensor([row] * 100)})
-    method = getattr(steps, update)
-    if update in ("em", "project"):
-        return lambda: method(*T, update, 3, noisy)
+    T = [torch.randn(shape, generator=g) for _ in range(spec.nt)]
+    method = getattr(cs.CppSteps(1).plan(T[0], {update: torch.tensor([STEP_ROWS[update]] * 100)}), update)
+    if spec.noise is not None:
+        return lambda: method(*T, update, 3, True)
     return lambda: method(*T, update, 3)
 
 
-@pytest.mark.parametrize("update", list(STEP_UPDATES))
+@pytest.mark.parametrize("update", list(STEP_ROWS))
 @pytest.mark.parametrize("sname", list(SHAPES))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_step_bandwidth(benchmark, copy_bandwidth, record_rates, update, sname, threads):
@@ -238,24 +263,24 @@ def test_step_bandwidth(benchmark, copy_bandwidth, record_rates, update, sname, 
     fn()
     benchmark.pedantic(lambda: [fn() for _ in range(calls)], rounds=ROUNDS, warmup_rounds=1)
     numel = math.prod(shape)
-    record_rates(benchmark, calls=calls, nbytes=BYTES_PER_ELEMENT[update] * numel * 4, copy_bw=copy_bandwidth,
+    record_rates(benchmark, calls=calls, nbytes=OPS[update].bytes_per_element() * numel * 4, copy_bw=copy_bandwidth,
                  update=update, impl="cpp", dtype="fp32", shape=list(shape), threads=threads, **load_note())
 
 
 @pytest.mark.parametrize("sname", list(SHAPES))
 def test_two_threads_vs_one(benchmark, sname):
-    """The noisy EM step on 2 threads against 1, interleaved."""
+    """The noisy EM step on 2 threads against 1, interleaved (wall time)."""
     shape, _ = SHAPES[sname]
     step = _step_fn("em", shape)
     fns = {"1": with_threads(1, lambda: [step() for _ in range(5)]),
            "2": with_threads(2, lambda: [step() for _ in range(5)])}
     times = benchmark.pedantic(interleave, args=(fns, ROUNDS), rounds=1, iterations=1)
-    med, lo, hi = record_ratio(benchmark, times, "1", "2", "speedup_2_threads")
+    r = record_ratio(benchmark, times, "1", "2", "speedup_2_threads")
     note = load_note()
     benchmark.extra_info.update(update="em", shape=list(shape), target=1.6, **note)
-    free = (note["cpu_count"] or 1) - note["loadavg_1min"]
-    if (note["cpu_count"] or 1) < 2 or not free >= 1.0:
-        warnings.warn(f"2 threads vs 1 at {sname}: {med:.2f}x [{lo:.2f}, {hi:.2f}] measured with load "
-                      f"{note['loadavg_1min']} on {note['cpu_count']} cores: no free second core, target not checked")
+    what = f"2 threads vs 1 at {sname}: {fmt(r['wall'])}"
+    if not second_core_free(note):
+        warnings.warn(f"{what} with load {note['loadavg_1min']} on {note['cpu_count']} cores: no free second core, "
+                      "target not checked")
         return
-    assert med >= 1.6, f"2 threads vs 1 at {sname}: {med:.2f}x [{lo:.2f}, {hi:.2f}] < 1.6x"
+    assert r["wall"][0] >= 1.6, f"{what} < 1.6x"

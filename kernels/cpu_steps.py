@@ -115,18 +115,19 @@ def _preflight() -> str | None:
 
 
 def _summarize(e: BaseException, log_dir: str) -> str:
-    """A failed build as one line: the compiler's first error, and where the whole log is."""
-    text = str(e)
-    first = next((ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()), "")
+    """A failed build as one line: the compiler's first diagnostic (else the exception's first
+    line), and where the whole output is."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)
     log = os.path.join(log_dir, "build-error.log")
     try:
         os.makedirs(log_dir, exist_ok=True)
         with open(log, "w") as f:
-            f.write(text)
+            f.write(f"{type(e).__name__}: {e}\n")
         where = f"; full log: {log}"
     except OSError:
         where = ""
-    return f"the C++ build failed ({type(e).__name__}: {first or text.splitlines()[0] if text else ''}){where}"
+    return f"the C++ build failed ({first}){where}"
 
 
 def _build():
@@ -146,12 +147,17 @@ def _build():
         if fresh:
             print(f"kernels.cpu_steps: building the C++ step kernels (once per machine) in {build_dir}",
                   file=sys.stderr, flush=True)
+        log = logging.getLogger("torch.utils.cpp_extension")  # its warnings would add lines to the one
+        level = log.level
+        log.setLevel(logging.ERROR)
         try:
             _ext = cpp_extension.load(name=name, sources=[_SRC], extra_cflags=cflags, extra_ldflags=ldflags,
                                       build_directory=build_dir, with_cuda=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - any failure to build or load means "not available"
             _error = _summarize(e, build_dir)
             return
+        finally:
+            log.setLevel(level)
         if _ext.NOISE_R != NOISE_R:  # pragma: no cover - a stale build of another layout
             _ext, _error = None, f"the built extension has NOISE_R={_ext.NOISE_R}, expected {NOISE_R}"
 

@@ -583,16 +583,19 @@ def test_without_a_compiler(tmp_path):
 
 
 def test_a_failing_compiler(tmp_path):
-    """A compiler that fails: one line naming the failure and the full log."""
+    """A compiler that fails: one line with its first diagnostic and where the full log is."""
     cxx = tmp_path / "broken-c++"
-    cxx.write_text("#!/bin/sh\necho 'broken-c++: error: this compiler is broken' >&2\nexit 1\n")
+    cxx.write_text("#!/bin/sh\ncase \"$*\" in *version*) echo 12.2.0; exit 0;; esac\n"
+                   "echo 'cpu_steps.cpp:1:1: error: this compiler is broken' >&2\nexit 1\n")
     cxx.chmod(0o755)
     r = _python("from kernels import cpu_steps as cs; print(cs.status())",
                 {"CXX": str(cxx), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
-    assert "\n" not in line and line.startswith("the C++ build failed (") and "full log: " in line
-    assert os.path.exists(line.split("full log: ")[1])
+    head = "the C++ build failed (cpu_steps.cpp:1:1: error: this compiler is broken); full log: "
+    assert line.startswith(head) and "\n" not in line, line
+    assert "this compiler is broken" in open(line[len(head):]).read()
+    assert "Traceback" not in r.stderr and "cpp_extension" not in r.stderr, r.stderr
 
 
 def test_imports_without_triton():
