@@ -8,6 +8,8 @@ The math mirrors `wgfcore.ops` (its oracle) term for term, in the same order, in
 from __future__ import annotations
 
 import numbers
+import warnings
+import weakref
 
 import torch
 import triton
@@ -151,7 +153,12 @@ def _affine_kernel(out_ptr, t0, t1, t2, t3, z_ptr,
               s0, s1, s2, s3, sz, numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, R, CHECK_NONE)
 
 
-@triton.jit(do_not_specialize=["numel", "step"])
+# `step` changes every launch: not specialised (one compiled variant serves every step). `numel`
+# is fixed for a whole sampling run and specialised: Triton compiles one variant per class
+# (1, a multiple of 16, other), and a multiple of 16 lets every load and store be a 16-byte
+# vector in fp32 (8 bytes in 16-bit storage), against 4 (2) bytes without the hint (sm_90
+# builds, issue 18). The seed is read from the device and never specialises anything.
+@triton.jit(do_not_specialize=["step"])
 def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, step,
                   NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr,
                   CHECK: tl.constexpr):
@@ -395,6 +402,66 @@ def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
 # The sampling loop's backend: validate once per run, then launch with pre-bound arguments
 # --------------------------------------------------------------------------------------
 
+# The slim launch: a step through the compiled kernel's own launcher, arguments pre-bound.
+# Triton's normal launch (JITFunction.run) binds the arguments, computes their specialisation
+# and its cache key, looks the kernel up, then calls CompiledKernel.run. In a sampling run
+# everything but the tensors and the step index is the same for every step of one variant, so
+# after the first normal launch of a variant TritonSteps calls CompiledKernel.run directly.
+# That launcher's calling convention is Triton's internal one (3.x: grid, stream, function,
+# packed metadata, launch metadata, enter and exit hooks, then every kernel argument); the
+# first slim launch of a variant is checked bit for bit against the normal one, and any
+# failure (another Triton version) turns the slim path off for the process with one warning.
+_SLIM_STATE = {"ok": True}
+_SLIM_CHECKED = weakref.WeakSet()  # compiled kernels whose slim launch passed the check
+
+
+def _cuda_stream() -> int:
+    # What Triton's own launch passes (driver.active.get_current_stream): the current raw stream
+    # of the current device, so a launch inside a CUDA-graph capture lands in the graph.
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+
+
+def _facts(out, t0, t1, t2, t3):
+    """What a compiled variant was specialised on that may change between steps: the tensors'
+    dtypes and whether every pointer is 16-byte aligned (Triton's pointer specialisation)."""
+    aligned = ((out.data_ptr() | t0.data_ptr() | t1.data_ptr() | t2.data_ptr() | t3.data_ptr()) & 15) == 0
+    return t0.dtype, t1.dtype, t2.dtype, t3.dtype, aligned
+
+
+class _SlimLaunch:
+    """One compiled variant of `_table_kernel` with its launcher and fixed arguments bound."""
+
+    __slots__ = ("run", "function", "meta", "grid0", "fixed", "consts", "stream", "facts")
+
+    def __init__(self, compiled, grid0: int, seed_t, flag, numel: int, kw: dict, facts, stream):
+        self.run, self.function, self.meta = compiled.run, compiled.function, compiled.packed_metadata
+        self.grid0, self.fixed, self.facts, self.stream = grid0, (seed_t, flag, numel), facts, stream
+        # The constexprs, positionally in the kernel's parameter order, as the normal launch passes them.
+        self.consts = tuple(kw[name] for name in _table_kernel.arg_names[10:])
+
+    def __call__(self, out, t0, t1, t2, t3, tab, i):
+        seed_t, flag, numel = self.fixed
+        self.run(self.grid0, 1, 1, self.stream(), self.function, self.meta, None, None, None,
+                 out, t0, t1, t2, t3, tab, seed_t, flag, numel, i, *self.consts)
+
+
+def _was_checked(compiled, add: bool = False) -> bool:
+    try:
+        if add:
+            _SLIM_CHECKED.add(compiled)
+        return compiled in _SLIM_CHECKED
+    except TypeError:  # not weak-referenceable: check it in every run
+        return False
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch hook (a profiler's) is installed: those need the normal launch, which builds
+    their launch metadata. Triton 3.8 keeps the hooks as always-present chains, empty by default."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    hooks = [getattr(runtime, name, None) for name in ("launch_enter_hook", "launch_exit_hook")]
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
+
+
 class TritonSteps:
     """Step backend for `wgfcore.sample` with the fused kernels (the protocol of `wgfcore.ops.TorchSteps`).
 
@@ -455,7 +522,9 @@ class TritonSteps:
         self._tables = packed
         self._numel = x.numel()
         groups, num_warps = _launch_config(self._numel)
-        self._run = _table_kernel[(max(1, -(-self._numel // (_GROUP * groups))),)]
+        self._grid0 = max(1, -(-self._numel // (_GROUP * groups)))
+        self._run = _table_kernel[(self._grid0,)]
+        self._slim = {}  # (op, noisy) -> _SlimLaunch, or None once it cannot be used
         self._kw = {(op, noisy): dict(NT=spec.nt, NOISE=_PHILOX if noisy else _NO_NOISE, CHECK=_CHECKS[spec.checked],
                                       R=NOISE_R, GROUPS=groups, num_warps=num_warps)
                     for op, spec in OPS.items() for noisy in ((False, True) if spec.noise else (False,))}
@@ -478,9 +547,43 @@ class TritonSteps:
             raise IndexError(f"TritonSteps: step {i} outside the planned table {table!r} of {n} rows")
         out = torch.empty_like(t0)
         if self._numel:
-            self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
-                      **self._kw[(op, noisy)])
+            key = (op, noisy)
+            slim = self._slim.get(key)
+            if slim is not None and slim.facts == _facts(out, t0, t1, t2, t3):
+                slim(out, t0, t1, t2, t3, tab, i)
+            else:
+                compiled = self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
+                                     **self._kw[key])
+                if key not in self._slim:
+                    self._slim[key] = self._bind_slim(key, compiled, out, (t0, t1, t2, t3), tab, i)
         return out
+
+    def _bind_slim(self, key, compiled, out, ts, tab, i):
+        """A checked `_SlimLaunch` for variant `key` after its first normal launch (which wrote
+        `out` and returned `compiled`), or None: the normal launch then serves every step."""
+        if compiled is None or not _SLIM_STATE["ok"] or _launch_hooks_set():
+            return None  # the interpreter launches no compiled kernel
+        if out.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # the check below reads the result back: not possible while capturing
+        try:
+            slim = _SlimLaunch(compiled, self._grid0, self._seed_t, self.finite_flag, self._numel, self._kw[key],
+                               _facts(out, *ts), _cuda_stream if out.is_cuda else lambda: 0)
+            if _was_checked(compiled):  # in an earlier run: no second launch, no sync
+                return slim
+            again = torch.empty_like(out)
+            slim(again, *ts, tab, i)
+            # Same inputs, same step: the flag's atomic min is idempotent, the noise is the same.
+            problem = None if torch.equal(again, out) else "its result differs from the normal launch's"
+        except Exception as e:  # any Triton whose launcher is not the one this was written for
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            _was_checked(compiled, add=True)
+            return slim
+        _SLIM_STATE["ok"] = False
+        warnings.warn(f"TritonSteps: the slim launch through the compiled kernel's own launcher is off ({problem}; "
+                      f"triton {triton.__version__}); every step takes Triton's normal launch", RuntimeWarning,
+                      stacklevel=4)
+        return None
 
     # The network output of each update (kernels.optable: `checked`) is checked for NaN/inf
     # into finite_flag by the kernel that reads it anyway.

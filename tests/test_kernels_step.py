@@ -323,6 +323,192 @@ def test_plan_kernels_flag_nonfinite_network_outputs(bad):
     assert int(plan.finite_flag) == 6
 
 
+# --- compilations: one per kernel variant, never one per step or seed ---------------------------
+
+class _Recorder:
+    """Stands in for `_table_kernel`: records every normal launch (args, kwargs), then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches, self.arg_names = kernel, [], kernel.arg_names
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def launch(*args, **kw):
+            self.launches.append((args, kw))
+            return run(*args, **kw)
+        return launch
+
+
+def _triton_cache_keys(launches, kern=None):
+    """The cache key Triton's JITFunction.run looks each launch's compiled kernel up by, and compiles
+    on a miss (specialisation of every argument, constexprs, options), built as for an sm_90 GPU.
+    Also the specialisation of `numel` of each launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+    kern = kern or ks._table_kernel
+    jit = kern if isinstance(kern, JITFunction) else JITFunction(kern.fn, **kern.kwargs)
+    binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+    keys, numel = [], []
+    for args, kw in launches:
+        _, spec, options = binder(*args, **kw)
+        keys.append(compute_cache_key({}, spec, options))
+        numel.append(spec[jit.arg_names.index("numel")])
+    return keys, numel
+
+
+def _net(x, t):
+    # A fresh output per call, as a network gives: new allocations must not change the variant.
+    return -0.5 * x + 0.01 * t.view(-1, *([1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "predict_project", "heun_ode"])
+def test_sample_compiles_once_per_variant_not_per_step_or_seed(monkeypatch, sampler):
+    """Every step of sample() hits the compiled kernel of its variant: the Triton cache keys of all
+    launches, over two seeds and two step counts, number exactly the (NT, NOISE, CHECK) variants used,
+    and the state size (a multiple of 16) reaches the compiler as such (vectorised access)."""
+    rec = _Recorder(ks._table_kernel)
+    monkeypatch.setattr(ks, "_table_kernel", rec)
+    kw = dict(proj_fn=_net, delta_p=1.0) if sampler == "predict_project" else {}
+    cache = ks._table_kernel.kernel.device_caches[torch.cuda.current_device()][0] if DEVICE == "cuda" else None
+    seen, compiled = [], []
+    for seed, steps in ((1, 3), (2, 5), (3, 5)):
+        start = len(rec.launches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the interpreter warning
+            sample(_net, (4, 3, 8, 8), steps, sampler=sampler, seed=seed, backend="triton", device=DEVICE, **kw)
+        keys, numel = _triton_cache_keys(rec.launches[start:], rec.kernel)
+        assert all(n[1] == "D" for n in numel), numel  # 768 elements: divisible by 16
+        seen.append(set(keys))
+        if cache is not None:
+            compiled.append(len(cache))
+    variants = {tuple(kw[k] for k in ("NT", "NOISE", "CHECK")) for _, kw in rec.launches}
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == len(variants), (len(seen[0]), variants)
+    if cache is not None:  # on a GPU, the compiled kernels themselves: none added after the first run
+        assert compiled[0] == compiled[1] == compiled[2]
+
+
+def test_table_kernel_specialises_numel_but_not_step():
+    keys, numel = _triton_cache_keys([((torch.zeros(64),) * 6 + (torch.zeros((), dtype=torch.int64),) * 2 + (n, i),
+                                       dict(NT=2, NOISE=2, R=ks.NOISE_R, GROUPS=1, CHECK=1, num_warps=8))
+                                      for n, i in ((4096, 0), (4096, 7), (4096, 123456), (4095, 0), (4095, 9))])
+    assert [n[1] for n in numel] == ["D", "D", "D", "", ""]
+    assert len(set(keys[:3])) == 1 and len(set(keys[3:])) == 1 and keys[0] != keys[3]
+
+
+# --- the slim launch: the compiled kernel's own launcher, checked against the normal one ---------
+
+class _StandInCompiled:
+    """Stands in for Triton's CompiledKernel, which the interpreter does not build: `run` takes the
+    launcher's calling convention (grid, stream, function, metadata, launch metadata, hooks, every
+    kernel argument) and runs the interpreted kernel, or misbehaves as told."""
+
+    function, packed_metadata = "fn-handle", "packed-metadata"
+
+    def __init__(self, kernel, fault=None):
+        self.kernel, self.fault, self.calls = kernel, fault, 0
+
+    def run(self, g0, g1, g2, stream, function, meta, launch_meta, enter, exit_, *args):
+        assert (g1, g2, function, meta, launch_meta, enter, exit_) == (1, 1, "fn-handle", "packed-metadata",
+                                                                        None, None, None)
+        self.calls += 1
+        if self.fault == "raises":
+            raise TypeError("launcher() takes 12 positional arguments")
+        self.kernel[(g0,)](*args)
+        if self.fault == "wrong bits":
+            args[0].add_(1.0)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """`_table_kernel` whose normal launch returns a stand-in compiled kernel; a fresh slim state."""
+    monkeypatch.setattr(ks, "_SLIM_STATE", {"ok": True})
+    real = ks._table_kernel
+
+    class Kernel(_Recorder):
+        fault = False  # None: a correct stand-in; "wrong bits"/"raises": a broken one; False: no compiled kernel
+        compiled = {}  # one stand-in per compiled variant (NT, NOISE, CHECK), as Triton's cache holds
+
+        def __getitem__(self, grid):
+            launch = super().__getitem__(grid)
+
+            def run(*args, **kw):
+                launch(*args, **kw)
+                if self.fault is False:
+                    return None
+                variant = (kw["NT"], kw["NOISE"], kw["CHECK"], args[1].dtype, args[2].dtype)
+                return self.compiled.setdefault(variant, _StandInCompiled(self.kernel, self.fault))
+            return run
+
+        def slim_calls(self):
+            return sum(c.calls for c in self.compiled.values())
+
+    k = Kernel(real)
+    monkeypatch.setattr(ks, "_table_kernel", k)
+    return k
+
+
+def _em_run(plan, x, s, steps):
+    return [plan.em(x, s, "em", i, i % 2 == 0) for i in range(steps)]
+
+
+def _em_setup(steps=4):
+    g = torch.Generator().manual_seed(0)
+    x, s = (torch.randn(3, 1000, generator=g).to(DEVICE) for _ in range(2))
+    table = torch.randn(steps, 3, generator=g).to(DEVICE)
+    return x, s, table
+
+
+def test_slim_launch_used_after_a_bitwise_check(stand_in):
+    x, s, table = _em_setup()
+    want = _em_run(ks.TritonSteps(5).plan(x, {"em": table}), x, s, 4)  # interpreter: normal launches only
+    assert len(stand_in.launches) == 4
+    stand_in.fault = None
+    stand_in.launches.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _em_run(ks.TritonSteps(5).plan(x, {"em": table}), x, s, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # One normal launch per variant (noisy, quiet); each checked by one slim launch, which then
+    # serves the variant's other steps.
+    assert len(stand_in.launches) == 2 and stand_in.slim_calls() == 2 + 2
+    # A later run binds the same compiled variants without checking them again.
+    again = _em_run(ks.TritonSteps(5).plan(x, {"em": table}), x, s, 4)
+    assert all(torch.equal(a, b) for a, b in zip(again, want))
+    assert len(stand_in.launches) == 4 and stand_in.slim_calls() == 4 + 2
+    # A network output of another dtype is another compiled variant: the normal launch again.
+    plan = ks.TritonSteps(5).plan(x, {"em": table})
+    plan.em(x, s, "em", 0, True)
+    n = len(stand_in.launches)
+    assert torch.equal(plan.em(x, s.half(), "em", 2, True), ks.em(x, s.half().float(), *table[2].unbind(), seed=5, step=2))
+    assert len(stand_in.launches) == n + 1
+
+
+@pytest.mark.parametrize("fault", ["wrong bits", "raises"])
+def test_slim_launch_falls_back_with_one_warning(stand_in, fault):
+    x, s, table = _em_setup()
+    want = _em_run(ks.TritonSteps(5).plan(x, {"em": table}), x, s, 4)
+    stand_in.fault = fault
+    stand_in.launches.clear()
+    with pytest.warns(RuntimeWarning, match="slim launch .* is off") as record:
+        got = _em_run(ks.TritonSteps(5).plan(x, {"em": table}), x, s, 4)
+        got2 = _em_run(ks.TritonSteps(5).plan(x, {"em": table}), x, s, 4)  # a later run: no new attempt
+    assert len(record) == 1
+    assert all(torch.equal(a, b) for a, b in zip(got + got2, want + want))
+    assert len(stand_in.launches) == 8 and stand_in.slim_calls() == 1
+
+
+def test_interpreter_takes_the_normal_launch_silently(stand_in):
+    x, s, table = _em_setup()
+    plan = ks.TritonSteps(5).plan(x, {"em": table})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _em_run(plan, x, s, 4)
+    assert len(stand_in.launches) == 4 and set(plan._slim.values()) == {None}
+
+
 def test_numpy_integers_as_seed_and_step():
     x, s = _xs()
     a = ks.em(x, s, 1.0, 1.0, 0.5, seed=np.int64(7), step=np.uint32(2))
