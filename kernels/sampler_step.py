@@ -14,24 +14,36 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import INTERPRETED
 from ._common import SUPPORTED_DTYPES, check_device, check_dtype
+from .noise import NOISE_R
 from .optable import OPS, StepOp
 
 __all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R"]
 
-# Noise layout. One Philox4x32-10 call on counter c yields four normals (two Box-Muller pairs);
-# they go to elements g*4R + k*R + r (k = 0..3) where c = g*R + r. So four elements share one
-# counter and the whole tile stays coalesced. The layout depends on R alone (never on the launch
-# configuration: groups per program, warps), so a (seed, step) pair gives the same noise on every
-# device and tile size. R = 1024 is kept: the H100 measurements (README of
-# shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast as R = 512 in bf16 and
-# faster in fp32, and a new R would change every recorded noise stream.
-NOISE_R = 1024
+# Noise layout (kernels/noise.py writes it out in torch). One Philox4x32-10 call on counter c yields
+# four normals (two Box-Muller pairs); they go to elements g*4R + k*R + r (k = 0..3) where
+# c = g*R + r. So four elements share one counter and the whole tile stays coalesced. The layout
+# depends on R alone (never on the launch configuration: groups per program, warps), so a
+# (seed, step) pair gives the same noise on every device and tile size. R = 1024 is kept: the H100
+# measurements (README of shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast
+# as R = 512 in bf16 and faster in fp32, and a new R would change every recorded noise stream.
 _GROUP = 4 * NOISE_R
 # Element offsets are int32; the last group may run up to _GROUP - 1 past numel.
 _MAX_NUMEL = 2**31 - _GROUP
+
+# Noise transforms, chosen by the storage dtype (kernels/noise.py is their reference in torch):
+# fp32 and fp64 states keep Triton's randn4x (full-accuracy log, sin, cos on 31-bit uniforms), so
+# every recorded fp32 noise stream stays as it was. 16-bit states (which round z to 8 or 11
+# significant bits) use Box-Muller on 24-bit uniforms with the GPU's approximate log2, sqrt, sin,
+# cos (one special-function instruction each, against some 40-100 instructions each for the
+# full-accuracy sin, cos and log): the same Philox words, the same element layout.
+_FAST_MATH: tl.constexpr = tl.constexpr(not INTERPRETED)  # the interpreter has no libdevice
+_TWO_POW_M24: tl.constexpr = tl.constexpr(2.0**-24)
+_TWO_PI: tl.constexpr = tl.constexpr(6.283185307179586)
+_MINUS_2_LN2: tl.constexpr = tl.constexpr(-1.3862943611198906)
 
 # Coefficient modes (how the kernel obtains each coefficient); the same names inside the kernels.
 COEF_VALUE: tl.constexpr = tl.constexpr(0)       # a python float argument
@@ -67,6 +79,41 @@ def _coef(c, stride, b, mask, MODE: tl.constexpr):
     else:
         v = tl.load(c + b * stride, mask=mask, other=0.0).to(tl.float32)
     return v
+
+
+@triton.jit
+def _box_muller16(w_r, w_a):
+    """Two normals from two Philox words, for 16-bit states: radius from w_r, angle from w_a.
+
+    u = (w_r >> 8) + 1) 2^-24 in (0, 1] and t = (int32(w_a) >> 8) 2^-24 in [-1/2, 1/2), both exact
+    in fp32; r = sqrt(-2 ln 2 log2 u); returns (r cos 2 pi t, r sin 2 pi t). The angle stays in
+    [-pi, pi), where the GPU's sin.approx / cos.approx are accurate to about 2^-21.
+    """
+    u = ((w_r >> 8) + 1).to(tl.float32) * _TWO_POW_M24
+    theta = ((w_a.to(tl.int32, bitcast=True) >> 8).to(tl.float32) * _TWO_POW_M24) * _TWO_PI
+    if _FAST_MATH:
+        log2u = libdevice.fast_log2f(u)
+        c = libdevice.fast_cosf(theta)
+        s = libdevice.fast_sinf(theta)
+    else:
+        log2u = tl.log2(u)
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    # The approximate log2 may return a hair above 0 just below u = 1: clamp, never a NaN.
+    r = tl.sqrt(tl.maximum(log2u * _MINUS_2_LN2, 0.0))
+    return r * c, r * s
+
+
+@triton.jit
+def _normal4(key, counter, FAST: tl.constexpr):
+    """Four standard normals per Philox4x32-10 counter (keyed by `key`): two Box-Muller pairs."""
+    if FAST:
+        w0, w1, w2, w3 = tl.randint4x(key, counter)
+        n0, n1 = _box_muller16(w0, w1)
+        n2, n3 = _box_muller16(w2, w3)
+    else:
+        n0, n1, n2, n3 = tl.randn4x(key, counter)
+    return n0, n1, n2, n3
 
 
 @triton.jit
@@ -122,7 +169,8 @@ def _tile(g, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0,
         # Philox key = (seed, step) as its (low, high) 32-bit words: every step of every seed
         # is its own stream; the counter is the element's group-local index.
         key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
-        n0, n1, n2, n3 = tl.randn4x(key, g * R + r)
+        # Storage dtype (constexpr): 16-bit states take the cheaper transform (see _FAST_MATH).
+        n0, n1, n2, n3 = _normal4(key, g * R + r, out_ptr.dtype.element_ty.primitive_bitwidth == 16)
     else:
         n0 = 0.0
         n1 = 0.0

@@ -14,6 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+import triton
+import triton.language as tl
+
 import kernels
 from kernels import sampler_step as ks
 from kernels.optable import OPS as STEP_OPS
@@ -140,26 +143,32 @@ def test_empty_tensor():
 
 
 # --- in-kernel noise ----------------------------------------------------------------------------
+# Two transforms (kernels/noise.py): fp32/fp64 states keep Triton's randn4x, 16-bit states take
+# box_muller16. Each statistical check runs on both: fp32 storage, and fp16 storage for the 16-bit
+# one (the interpreter has no bfloat16; bf16 storage draws the same z, checked on a GPU below).
+NOISE_DTYPES = [torch.float32, torch.float16]
+
 
 def noise(shape, seed, step, c_z=1.0, dtype=torch.float32):
-    """The in-kernel z itself: em with x = s = 0 and c_z = 1 returns exactly c_z z."""
+    """The in-kernel z itself: em with x = s = 0 and c_z = 1 returns exactly c_z z (rounded to dtype)."""
     zeros = torch.zeros(shape, dtype=dtype, device=DEVICE)
     return ks.em(zeros, zeros, 0.0, 0.0, c_z, seed=seed, step=step)
 
 
 # Sample sizes. Under independence, a sample mean has sd 1/sqrt(n), a sample variance sqrt(2/n)
 # and a sample correlation ~1/sqrt(n). Bounds of 6 sd have a two-sided false-failure probability
-# of 2e-9 per check; KS is required to have p > 1e-6. With ~20 checks the suite's chance of a
+# of 2e-9 per check; KS is required to have p > 1e-6. With ~40 checks the suite's chance of a
 # false failure for a correct generator (over the choice of seeds) is below 1e-4. Ones that a
 # broken key or layout would produce (identical streams, corr 1; shared Box-Muller radius;
-# a 10% variance error) are many times these bounds.
+# a 10% variance error) are many times these bounds. Rounding to fp16 moves the empirical CDF by
+# at most pdf x half an ulp (< 3e-4), far below the KS statistic's spread at these sizes (4e-3).
 N_BIG = 4 * ks.NOISE_R * 16      # 65536: 6/sqrt(n) = 0.023
 N_PAIR = 4 * ks.NOISE_R * 4 - 5  # 16379, with a ragged tail: 6/sqrt(n) = 0.047
 
 
-@pytest.fixture(scope="module")
-def big_noise():
-    return noise((16, N_BIG // 16), seed=1234, step=7).flatten().double().cpu()
+@pytest.fixture(scope="module", params=NOISE_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def big_noise(request):
+    return noise((16, N_BIG // 16), seed=1234, step=7, dtype=request.param).flatten().double().cpu()
 
 
 def test_noise_moments_and_ks(big_noise):
@@ -184,38 +193,105 @@ def test_noise_neighbours_uncorrelated(big_noise):
         assert abs(corr(z[:-lag] ** 2, z[lag:] ** 2)) <= bound, f"lag {lag}, squares"
 
 
-def test_noise_same_key_identical_and_keys_independent():
-    base = noise(N_PAIR, seed=5, step=3)
-    assert torch.equal(base, noise(N_PAIR, seed=5, step=3))
+@pytest.mark.parametrize("dtype", NOISE_DTYPES)
+def test_noise_same_key_identical_and_keys_independent(dtype):
+    base = noise(N_PAIR, seed=5, step=3, dtype=dtype)
+    assert torch.equal(base, noise(N_PAIR, seed=5, step=3, dtype=dtype))
     bound = 6 / math.sqrt(N_PAIR)
     # Other step, other seed, and the swaps that a naive seed + step (or seed * k + step) would alias.
     for seed, step in [(5, 4), (6, 3), (3, 5), (4, 4), (6, 2), (5 + 2**16, 3)]:
-        other = noise(N_PAIR, seed=seed, step=step)
+        other = noise(N_PAIR, seed=seed, step=step, dtype=dtype)
         assert abs(corr(base, other)) <= bound, (seed, step)
 
 
+def noise_tolerance(ref, dtype):
+    """How far the kernel's stored z may sit from kernels.noise's float32 z, elementwise.
+
+    Half an ulp of the storage dtype (the kernel rounds once), plus the float32 functions' own
+    error: the interpreter's numpy log/sin/cos and torch's differ by an ulp or two, 2^-20 max(1, |z|).
+    On a GPU the 16-bit transform uses the hardware's log2/sin/cos (about 2^-21 absolute each):
+    r times 2^-21 for the angle (<= 3e-6), and ln2 2^-22 / r for the radius, which is below 4e-6
+    where |z| >= 0.05 and at most sqrt(2 ln2 2^-22) = 6e-4 where r (hence |z|) is tiny.
+    """
+    ref = ref.double()
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(torch.finfo(dtype).tiny))))
+    tol = 0.5 * ulp + 2.0**-20 * ref.abs().clamp_min(1.0)
+    if not kernels.INTERPRETED and dtype in (torch.float16, torch.bfloat16):
+        tol = tol + torch.where(ref.abs() >= 0.05, 7e-6, 6e-4)
+    return tol
+
+
+@pytest.mark.parametrize("dtype", NOISE_DTYPES + [torch.float64, pytest.param(torch.bfloat16, marks=needs_gpu)])
+@pytest.mark.parametrize("seed,step", [(0, 0), (1234, 7), (2**32 - 1, 2**32 - 1)])
+def test_noise_matches_its_reference(dtype, seed, step):
+    """kernels/noise.py is the specification another backend (C++) reproduces: the kernels match it."""
+    from kernels.noise import normal
+
+    n = 2 * 4 * ks.NOISE_R + 77  # two groups and a ragged third
+    got = noise((n,), seed=seed, step=step, dtype=dtype).double().cpu()
+    ref = normal(seed, step, n, dtype)
+    err = (got - ref.double()).abs()
+    assert bool((err <= noise_tolerance(ref, dtype)).all()), f"max err {float(err.max()):.3g}"
+
+
+@triton.jit
+def _philox_words(out, seed, step, N: tl.constexpr):
+    c = tl.arange(0, N)
+    key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
+    w0, w1, w2, w3 = tl.randint4x(key, c)
+    tl.store(out + c, w0.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out + N + c, w1.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out + 2 * N + c, w2.to(tl.int64) & 0xFFFFFFFF)
+    tl.store(out + 3 * N + c, w3.to(tl.int64) & 0xFFFFFFFF)
+
+
+def test_noise_reference_philox_is_triton_randint4x():
+    """The reference's Philox words are Triton's randint4x under the kernels' key, exactly."""
+    from kernels.noise import philox4x32
+
+    out = torch.empty(4, 64, dtype=torch.int64, device=DEVICE)
+    _philox_words[(1,)](out, 3000000000, 17, N=64)
+    assert torch.equal(out.cpu(), torch.stack(philox4x32(torch.arange(64), 3000000000, 17)))
+
+
 @pytest.mark.parametrize("config", [(2, 4), (1, 8), (3, 8)])
-def test_noise_depends_only_on_key_and_offset(monkeypatch, config):
-    z = noise((3, 3000), seed=9, step=2)
-    # Storage dtype: fp16 output is the fp32 noise rounded once; fp64 holds the fp32 noise exactly.
-    assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=torch.float16), z.half())
-    assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=torch.float64), z.double())
+@pytest.mark.parametrize("dtype", NOISE_DTYPES)
+def test_noise_depends_only_on_key_and_offset(monkeypatch, config, dtype):
+    z = noise((3, 3000), seed=9, step=2, dtype=dtype)
+    if dtype == torch.float32:
+        # fp64 storage draws the fp32 transform and holds its z exactly.
+        assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=torch.float64), z.double())
     # Shape: the same 9000 offsets give the same values whatever the (B, ...) split.
-    assert torch.equal(noise((9000,), seed=9, step=2), z.flatten())
+    assert torch.equal(noise((9000,), seed=9, step=2, dtype=dtype), z.flatten())
     # Launch configuration (groups per program, warps): never part of the noise.
     monkeypatch.setattr(ks, "_launch_config", lambda numel: config)
-    assert torch.equal(noise((3, 3000), seed=9, step=2), z)
+    assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=dtype), z)
     # The sampling loop's kernel (seed read from the device) draws the very same noise.
-    x = torch.zeros(3, 3000, device=DEVICE)
+    x = torch.zeros(3, 3000, device=DEVICE, dtype=dtype)
     plan = ks.TritonSteps(torch.tensor(9, device=DEVICE)).plan(x, {"em": torch.tensor([[0.0, 0.0, 1.0]] * 3,
                                                                                        device=DEVICE)})
     assert torch.equal(plan.em(x, x, "em", 2, True), z)
 
 
-def test_noise_per_sample_coefficient():
+@needs_gpu
+def test_bf16_states_draw_the_fp16_states_noise():
+    """Both 16-bit dtypes take box_muller16: their outputs are one z rounded two ways."""
+    z16 = noise((3, 3000), seed=9, step=2, dtype=torch.float16).double()
+    zb = noise((3, 3000), seed=9, step=2, dtype=torch.bfloat16).double()
+    half_ulps = 0.5 * (torch.finfo(torch.bfloat16).eps + torch.finfo(torch.float16).eps) * z16.abs().clamp_min(1e-4)
+    assert bool(((zb - z16).abs() <= 2 * half_ulps).all())
+
+
+@pytest.mark.parametrize("dtype", NOISE_DTYPES)
+def test_noise_per_sample_coefficient(dtype):
     c = torch.tensor([0.5, -2.0, 3.0], device=DEVICE)
     z = noise((3, 900), seed=1, step=0)
-    assert torch.equal(noise((3, 900), seed=1, step=0, c_z=c), c[:, None] * z)
+    ref = (c[:, None] * (z if dtype == torch.float32 else noise((3, 900), seed=1, step=0, dtype=dtype).float()))
+    got = noise((3, 900), seed=1, step=0, c_z=c, dtype=dtype)
+    if dtype == torch.float32:
+        assert torch.equal(got, ref)
+    else:  # c z rounded once against z rounded, then scaled: within one ulp of the 16-bit dtype
+        assert torch.allclose(got.float(), ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
 # --- TritonSteps as a sampler backend -----------------------------------------------------------
@@ -517,10 +593,11 @@ def test_numpy_integers_as_seed_and_step():
 
 
 @cuda_only
-def test_noise_2_24_draws_on_gpu():
+@pytest.mark.parametrize("dtype", NOISE_DTYPES)
+def test_noise_2_24_draws_on_gpu(dtype):
     """The GPU-sized check of the measurements file: 2^24 draws, bounds of 6 sd (see above)."""
     n = 1 << 24
-    z = noise((n,), seed=2026, step=11).double()
+    z = noise((n,), seed=2026, step=11, dtype=dtype).double()
     bound = 6 / math.sqrt(n)  # 1.5e-3
     assert abs(float(z.mean())) <= bound
     assert abs(float(z.var()) - 1.0) <= 6 * math.sqrt(2.0 / n)
@@ -533,7 +610,7 @@ def test_noise_2_24_draws_on_gpu():
         assert abs(corr(z[:-lag], z[lag:])) <= bound, f"lag {lag}"
         assert abs(corr(z[:-lag] ** 2, z[lag:] ** 2)) <= bound, f"lag {lag}, squares"
     for seed, step in [(2026, 12), (2027, 11), (11, 2026)]:
-        assert abs(corr(z, noise((n,), seed=seed, step=step).double())) <= bound, (seed, step)
+        assert abs(corr(z, noise((n,), seed=seed, step=step, dtype=dtype).double())) <= bound, (seed, step)
 
 
 TARGET = gaussian([1.0, -0.5], [[0.6, 0.2], [0.2, 1.5]])
