@@ -249,20 +249,28 @@ def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, 
             tl.atomic_min(flag_ptr, step.to(tl.int64))
 
 
-def _launch_config(numel: int) -> tuple[int, int]:
-    """(groups per program, num_warps). One group = 4 R = 4096 elements.
+def _launch_config(numel: int, itemsize: int) -> tuple[int, int]:
+    """(groups per program, num_warps) for `numel` elements whose narrowest tensor has `itemsize` bytes.
 
-    On GPU: one group of 4096 elements per program with 8 warps (8 elements per thread per
-    tile, across its four quarter-tiles). The H100 measurements found this tile layout at 99%
-    of copy bandwidth in fp32 and 73% in bf16 for a minimal kernel of the same form, against
-    92% / 60% with 4 warps: more warps hide the Philox + Box-Muller latency. That this
-    kernel reaches it too is for the 2^27-element rows of bench/test_bench_step.py to show.
+    One group = 4 R = 4096 elements, handled as four quarter-tiles of R elements, so a thread
+    holds R / (32 num_warps) consecutive elements of each: its vector width. 16-byte accesses
+    (the widest) take 4 fp32 elements (8 warps) or 8 16-bit ones (4 warps).
+    fp32 and fp64: 8 warps. The H100 measurements found this tile layout at 99% of copy bandwidth
+    in fp32 for a minimal kernel of the same form (92% with 4 warps).
+    16-bit: 4 warps, for 16-byte accesses. Unmeasured: the same measurements found 8 warps
+    better in bf16 (73% against 60%), but with 8-byte accesses and the full-accuracy noise
+    transform, whose latency the extra warps hid; the "-w8" rows of bench/test_bench_step.py
+    measure 8 warps against this choice.
+    fp64 (a CPU-parity path): 4 warps; at 8, the sm_90 build of the public kernel with 0-d
+    coefficients spills 8 bytes per thread, at 4 none.
+    The narrowest tensor decides: an fp32 state with a bf16 network output takes 4 warps, or
+    that output would be read 8 bytes at a time.
     Interpreter: one group per program (it runs programs one after another anyway).
     Neither number changes the noise (see NOISE_R).
     """
     if INTERPRETED:
         return 1, 4
-    return 1, 8
+    return 1, (8 if itemsize == 4 else 4)
 
 
 # --------------------------------------------------------------------------------------
@@ -394,7 +402,7 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
     ts += [ts[0]] * (4 - spec.nt)  # unused pointer slots, never loaded (NT is constexpr)
     z_arg = z if noise == _EXPLICIT else ts[0]
     per_sample = any(mode == _SAMPLE_PTR for _, _, mode in args)
-    groups, num_warps = _launch_config(numel)
+    groups, num_warps = _launch_config(numel, x.element_size())
     # Plain integer ceil-division: triton.cdiv called from Python goes through the JIT's
     # call machinery, which measured ~30 us per call on a loaded CPU here.
     grid = (-(-numel // (_GROUP * groups)),)
@@ -569,7 +577,8 @@ class TritonSteps:
         self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64, device=x.device)
         self._tables = packed
         self._numel = x.numel()
-        groups, num_warps = _launch_config(self._numel)
+        groups, num_warps = _launch_config(self._numel, x.element_size())
+        self._itemsize = x.element_size()
         self._grid0 = max(1, -(-self._numel // (_GROUP * groups)))
         self._run = _table_kernel[(self._grid0,)]
         self._slim = {}  # (op, noisy) -> _SlimLaunch, or None once it cannot be used
@@ -600,8 +609,11 @@ class TritonSteps:
             if slim is not None and slim.facts == _facts(out, t0, t1, t2, t3):
                 slim(out, t0, t1, t2, t3, tab, i)
             else:
-                compiled = self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
-                                     **self._kw[key])
+                kw = self._kw[key]
+                narrow = min(t1.element_size(), t2.element_size(), t3.element_size())
+                if narrow < self._itemsize:  # a 16-bit network output: its own warp count (_launch_config)
+                    kw = dict(kw, num_warps=_launch_config(self._numel, narrow)[1])
+                compiled = self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i, **kw)
                 if key not in self._slim:
                     self._slim[key] = self._bind_slim(key, compiled, out, (t0, t1, t2, t3), tab, i)
         return out

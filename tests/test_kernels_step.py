@@ -264,7 +264,7 @@ def test_noise_depends_only_on_key_and_offset(monkeypatch, config, dtype):
     # Shape: the same 9000 offsets give the same values whatever the (B, ...) split.
     assert torch.equal(noise((9000,), seed=9, step=2, dtype=dtype), z.flatten())
     # Launch configuration (groups per program, warps): never part of the noise.
-    monkeypatch.setattr(ks, "_launch_config", lambda numel: config)
+    monkeypatch.setattr(ks, "_launch_config", lambda numel, itemsize: config)
     assert torch.equal(noise((3, 3000), seed=9, step=2, dtype=dtype), z)
     # The sampling loop's kernel (seed read from the device) draws the very same noise.
     x = torch.zeros(3, 3000, device=DEVICE, dtype=dtype)
@@ -472,6 +472,22 @@ def test_table_kernel_specialises_numel_but_not_step():
                                       for n, i in ((4096, 0), (4096, 7), (4096, 123456), (4095, 0), (4095, 9))])
     assert [n[1] for n in numel] == ["D", "D", "D", "", ""]
     assert len(set(keys[:3])) == 1 and len(set(keys[3:])) == 1 and keys[0] != keys[3]
+
+
+def test_gpu_warps_give_16_byte_accesses_to_the_narrowest_tensor(monkeypatch):
+    """On a GPU a thread holds R / (32 warps) elements of each quarter-tile: 8 warps for 4-byte
+    tensors, 4 for 2-byte ones, so each access is 16 bytes; a 16-bit network output next to an fp32
+    state sets the warps of its launch (kernels/_build_check.py checks the widths in the builds)."""
+    monkeypatch.setattr(ks, "INTERPRETED", False)
+    assert [ks.NOISE_R // (32 * ks._launch_config(1 << 20, size)[1]) * size for size in (4, 2)] == [16, 16]
+    assert ks._launch_config(1 << 20, 8) == (1, 4)  # fp64: 32-byte accesses, no spill (see there)
+    rec = _Recorder(ks._table_kernel)
+    monkeypatch.setattr(ks, "_table_kernel", rec)
+    x = torch.zeros(2, 64, device=DEVICE)
+    plan = ks.TritonSteps(1).plan(x, {"predict": torch.ones(2, 2, device=DEVICE)})
+    plan.predict(x, x, "predict", 0)
+    plan.predict(x, x.half(), "predict", 1)
+    assert [kw["num_warps"] for _, kw in rec.launches] == [8, 4]
 
 
 # --- the slim launch: the compiled kernel's own launcher, checked against the normal one ---------
