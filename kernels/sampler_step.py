@@ -623,9 +623,9 @@ class TritonSteps:
         `out` and returned `compiled`), or None: the normal launch then serves every step."""
         if compiled is None or not _SLIM_STATE["ok"] or _launch_hooks_set():
             return None  # the interpreter launches no compiled kernel
-        if out.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None  # the check below reads the result back: not possible while capturing
         try:
+            if out.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None  # the check below reads the result back: not possible while capturing
             slim = _SlimLaunch(compiled, self._grid0, self._seed_t, self.finite_flag, self._numel, self._kw[key],
                                _facts(out, *ts), _cuda_stream if out.is_cuda else lambda: 0)
             if _was_checked(compiled):  # in an earlier run: no second launch, no sync
