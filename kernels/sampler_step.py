@@ -7,7 +7,6 @@ The math mirrors `wgfcore.ops` (its oracle) term for term, in the same order, in
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 import weakref
 
@@ -17,11 +16,13 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import INTERPRETED
-from ._common import SUPPORTED_DTYPES, check_device, check_dtype
+from . import _common as C
+from ._common import FLAG_CLEAR, STEP_DTYPES, SUPPORTED_DTYPES
 from .noise import NOISE_R
 from .optable import OPS, StepOp
 
-__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R"]
+__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R",
+           "FLAG_CLEAR"]
 
 # Noise layout (kernels/noise.py writes it out in torch). One Philox4x32-10 call on counter c yields
 # four normals (two Box-Muller pairs); they go to elements g*4R + k*R + r (k = 0..3) where
@@ -31,8 +32,6 @@ __all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES"
 # measurements (README of shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast
 # as R = 512 in bf16 and faster in fp32, and a new R would change every recorded noise stream.
 _GROUP = 4 * NOISE_R
-# Element offsets are int32; the last group may run up to _GROUP - 1 past numel.
-_MAX_NUMEL = 2**31 - _GROUP
 
 # Noise transforms, chosen by the storage dtype (kernels/noise.py is their reference in torch):
 # fp32 and fp64 states keep Triton's randn4x (full-accuracy log, sin, cos on 31-bit uniforms), so
@@ -45,24 +44,18 @@ _TWO_POW_M24: tl.constexpr = tl.constexpr(2.0**-24)
 _TWO_PI: tl.constexpr = tl.constexpr(6.283185307179586)
 _MINUS_2_LN2: tl.constexpr = tl.constexpr(-1.3862943611198906)
 
-# Coefficient modes (how the kernel obtains each coefficient); the same names inside the kernels.
-COEF_VALUE: tl.constexpr = tl.constexpr(0)       # a python float argument
-COEF_SCALAR_PTR: tl.constexpr = tl.constexpr(1)  # a 0-d tensor, loaded in-kernel
-COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(2)  # entry b of a (B,) tensor
-# Noise modes.
-NOISE_NONE: tl.constexpr = tl.constexpr(0)       # no c_z z term
-NOISE_EXPLICIT: tl.constexpr = tl.constexpr(1)   # z is a tensor argument
-NOISE_PHILOX: tl.constexpr = tl.constexpr(2)     # z drawn in-kernel from Philox keyed by (seed, step)
+# Coefficient and noise modes (kernels._common holds their values, shared with the C++ backend);
+# the same names inside the kernels.
+COEF_VALUE: tl.constexpr = tl.constexpr(C.COEF_VALUE)            # a python float argument
+COEF_SCALAR_PTR: tl.constexpr = tl.constexpr(C.COEF_SCALAR_PTR)  # a 0-d tensor, loaded in-kernel
+COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(C.COEF_SAMPLE_PTR)  # entry b of a (B,) tensor
+NOISE_NONE: tl.constexpr = tl.constexpr(C.NOISE_NONE)            # no c_z z term
+NOISE_EXPLICIT: tl.constexpr = tl.constexpr(C.NOISE_EXPLICIT)    # z is a tensor argument
+NOISE_PHILOX: tl.constexpr = tl.constexpr(C.NOISE_PHILOX)        # z drawn in-kernel from Philox keyed by (seed, step)
 # Which tensor is a network output whose finiteness the sampling loop's kernel checks.
 CHECK_NONE: tl.constexpr = tl.constexpr(0)
 CHECK_T1: tl.constexpr = tl.constexpr(1)         # s in predict/em, T in project
 CHECK_T3: tl.constexpr = tl.constexpr(3)         # s' in heun (its s was checked by the predict before it)
-#: the guard flag's value while no network output was non-finite (steps lower it by atomic min)
-FLAG_CLEAR = 2**62
-
-# Storage dtypes of the step kernels: the attention set plus float64 (stored in fp64, computed
-# in fp32 exactly as wgfcore.ops does, so that backend="triton" accepts what "torch" accepts).
-STEP_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -278,84 +271,8 @@ def _launch_config(numel: int, itemsize: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 # Python-side values of the modes (the launchers compare and pass plain ints).
-_VALUE, _SCALAR_PTR, _SAMPLE_PTR = COEF_VALUE.value, COEF_SCALAR_PTR.value, COEF_SAMPLE_PTR.value
-_NO_NOISE, _EXPLICIT, _PHILOX = NOISE_NONE.value, NOISE_EXPLICIT.value, NOISE_PHILOX.value
+_VALUE, _NO_NOISE, _EXPLICIT, _PHILOX = C.COEF_VALUE, C.NOISE_NONE, C.NOISE_EXPLICIT, C.NOISE_PHILOX
 _CHECKS = {1: CHECK_T1.value, 3: CHECK_T3.value}  # kernels.optable's `checked` -> the kernel's CHECK
-
-
-def _pack(spec: StepOp, tab: torch.Tensor) -> torch.Tensor:
-    """A sampler table (N, spec.ncol) as the table kernel's (N, NT + 1) fp32 rows (kernels.optable)."""
-    tab = tab.to(torch.float32)
-    cols = [tab[:, k] if isinstance(k, int) else tab.new_full((tab.shape[0],), k) for k in spec.kernel_columns()]
-    return torch.stack(cols, 1).contiguous()
-
-
-def _check_tensors(op: str, named: dict[str, torch.Tensor]):
-    """All tensors: same shape, dtype, device; supported dtype; contiguous. Returns the first."""
-    items = list(named.items())
-    for name, t in items:
-        if not torch.is_tensor(t):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    name0, x = items[0]
-    for name, t in items[1:]:
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {name0} is on {x.device}; all tensors must "
-                             "share one device")
-    for name, t in items[1:]:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
-                            "one storage dtype")
-    check_dtype(op, x.dtype, STEP_DTYPES)
-    if x.ndim < 1:
-        raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
-    for name, t in items[1:]:
-        if t.shape != x.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {name0}'s shape {tuple(x.shape)}")
-    for name, t in items:
-        # Rejected rather than copied: a hidden .contiguous() would add a full extra pass.
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
-                             "call .contiguous() first")
-    check_device(op, x)
-    if x.numel() > _MAX_NUMEL:
-        raise ValueError(f"{op}: at most {_MAX_NUMEL} elements per call (int32 offsets), got {x.numel()}")
-    return x
-
-
-def _coef_arg(op: str, name: str, c, x: torch.Tensor):
-    """(argument, stride, mode) for a coefficient: python number, 0-d tensor or (B,) tensor.
-
-    Tensors stay on the device and are loaded in-kernel: no host sync, no copy.
-    """
-    if torch.is_tensor(c):
-        if not c.is_floating_point():
-            raise TypeError(f"{op}: coefficient {name} must be a floating tensor, got dtype {c.dtype}")
-        if c.device != x.device:
-            raise ValueError(f"{op}: coefficient {name} is on {c.device} but the tensors are on {x.device}; "
-                             "compute the coefficient tables on the device before the loop")
-        if c.ndim == 0:
-            return c, 0, _SCALAR_PTR
-        if c.ndim == 1 and c.shape[0] == x.shape[0]:
-            if c.dtype == torch.bfloat16 and INTERPRETED:
-                raise TypeError(f"{op}: the Triton interpreter has no bfloat16; coefficient {name} is bfloat16")
-            return c, c.stride(0), _SAMPLE_PTR
-        raise ValueError(f"{op}: coefficient {name} must be a scalar or have shape (B,) = ({x.shape[0]},), "
-                         f"got shape {tuple(c.shape)}")
-    if isinstance(c, numbers.Real) and not isinstance(c, bool):
-        return float(c), 0, _VALUE
-    raise TypeError(f"{op}: coefficient {name} must be a python number or a tensor, got {type(c).__name__}")
-
-
-def _check_key(op: str, seed, step):
-    """seed and step as python ints in [0, 2**32); numpy integers are accepted."""
-    if type(seed) is int and type(step) is int and 0 <= seed < 2**32 and 0 <= step < 2**32:
-        return seed, step  # the common case, without the abstract-base-class checks below
-    for name, v in (("seed", seed), ("step", step)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be an integer for in-kernel noise, got {type(v).__name__}")
-        if not 0 <= int(v) < 2**32:
-            raise ValueError(f"{op}: {name} must lie in [0, 2**32), got {v}")
-    return int(seed), int(step)
 
 
 def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=None, out=None):
@@ -364,33 +281,23 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
     `coefs` are `spec.columns` in order; the noise column may be None (no noise term).
     """
     op = spec.name
-    c_z = coefs[spec.columns.index(spec.noise)] if spec.noise is not None else None
-    if c_z is None:
-        if z is not None:
-            raise ValueError(f"{op}: z was given but c_z is None; pass c_z to inject noise")
-        noise = _NO_NOISE
-    elif z is not None:
-        if seed is not None:
-            raise ValueError(f"{op}: give either an explicit z or a seed for in-kernel noise, not both")
-        noise = _EXPLICIT
-    else:
-        if seed is None or step is None:
-            raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
-        noise = _PHILOX
+    noise = C.noise_mode(spec, coefs, z, seed, step)
     named = dict(zip(spec.tensors, tensors))
     if noise == _EXPLICIT:
         named["z"] = z
-    if out is not None:
-        named["out"] = out
-    x = _check_tensors(op, named)
+    named = C.check_tensors(op, named, out=out)  # non-contiguous inputs come back copied (kernels._common)
+    x = named[spec.tensors[0]]
+    tensors = [named[n] for n in spec.tensors]
+    z = named.get("z")
     if noise == _PHILOX:
-        seed, step = _check_key(op, seed, step)
+        seed, step = C.check_key(op, seed, step)
     else:
         seed, step = 0, 0
     by_name = dict(zip(spec.columns, coefs))
-    args = [_coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), 0, _VALUE) for a in spec.scales]
+    args = [C.coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), 0, _VALUE) for a in spec.scales]
     args += [(0.0, 0, _VALUE)] * (4 - spec.nt)  # unused coefficient slots (NT < 4)
-    args.append(_coef_arg(op, spec.noise, c_z, x) if noise != _NO_NOISE else (0.0, 0, _VALUE))
+    c_z = by_name.get(spec.noise)
+    args.append(C.coef_arg(op, spec.noise, c_z, x) if noise != _NO_NOISE else (0.0, 0, _VALUE))
 
     if out is None:
         out = torch.empty_like(x)
@@ -401,7 +308,7 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
     ts = list(tensors)
     ts += [ts[0]] * (4 - spec.nt)  # unused pointer slots, never loaded (NT is constexpr)
     z_arg = z if noise == _EXPLICIT else ts[0]
-    per_sample = any(mode == _SAMPLE_PTR for _, _, mode in args)
+    per_sample = any(mode == C.COEF_SAMPLE_PTR for _, _, mode in args)
     groups, num_warps = _launch_config(numel, x.element_size())
     # Plain integer ceil-division: triton.cdiv called from Python goes through the JIT's
     # call machinery, which measured ~30 us per call on a loaded CPU here.
@@ -536,13 +443,7 @@ class TritonSteps:
     name = "triton"
 
     def __init__(self, seed, device=None):
-        if torch.is_tensor(seed):
-            if seed.ndim != 0 or seed.dtype != torch.int64:
-                raise TypeError(f"TritonSteps: a seed tensor must be 0-d int64, got {seed.dtype} of shape "
-                                f"{tuple(seed.shape)}")
-            self.seed = seed
-        else:
-            self.seed, _ = _check_key("TritonSteps", seed, 0)
+        self.seed = C.check_seed("TritonSteps", seed)
         self.device = torch.device(device) if device is not None else None
         self._tables = None
         #: after plan(): a 0-d int64 device tensor, FLAG_CLEAR until a checked network output held
@@ -551,22 +452,14 @@ class TritonSteps:
 
     def plan(self, x: torch.Tensor, tables: dict) -> "TritonSteps":
         """Validate x and the tables once; keep everything a launch needs. Returns self."""
-        _check_tensors("TritonSteps", {"x": x})
+        C.check_tensors("TritonSteps", {"x": x})
+        if not x.is_contiguous():  # the loop hands this state to every step unchecked: no copy can help
+            raise ValueError(f"TritonSteps: the state x must be contiguous (strides {x.stride()} for shape "
+                             f"{tuple(x.shape)})")
         if self.device is not None and x.device != self.device:
             raise ValueError(f"TritonSteps: built for {self.device}, got a state on {x.device}")
-        packed = {}
-        for name, tab in tables.items():
-            spec = OPS.get(name)
-            if spec is None:
-                raise ValueError(f"TritonSteps: unknown coefficient table {name!r}; known: {sorted(OPS)}")
-            cols = ", ".join(spec.columns)
-            if (not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != spec.ncol
-                    or not tab.is_floating_point()):
-                raise ValueError(f"TritonSteps: table {name!r} must be a floating (N, {spec.ncol}) tensor with columns "
-                                 f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
-            if tab.device != x.device:
-                raise ValueError(f"TritonSteps: table {name!r} is on {tab.device}, the state on {x.device}")
-            packed[name] = (_pack(spec, tab), tab.shape[0])
+        packed = {name: (C.pack_table(spec, tab), tab.shape[0])
+                  for name, (spec, tab) in C.check_tables("TritonSteps", x, tables).items()}
         seed = self.seed
         if torch.is_tensor(seed):
             if seed.device != x.device:
@@ -588,7 +481,8 @@ class TritonSteps:
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
-        """A network output as the kernels take it: contiguous, and no bfloat16 in the interpreter.
+        """A network output as the kernels take it: addressable (kernels._common's one layout policy:
+        contiguous here), and no bfloat16 in the interpreter.
 
         Both conversions keep every value, so the torch and Triton backends see the same numbers.
         Other floating dtypes (fp16/bf16/fp32/fp64) go to the kernel as they are: it loads each
@@ -596,7 +490,7 @@ class TritonSteps:
         """
         if INTERPRETED and t.dtype == torch.bfloat16:
             t = t.float()
-        return t if t.is_contiguous() else t.contiguous()
+        return C.addressable(t)
 
     def _step(self, table, i, t0, t1, t2, t3, op, noisy):
         tab, n = self._tables[table]

@@ -736,9 +736,12 @@ def test_shape_mismatch_and_layout():
     x, _ = _xs()
     with pytest.raises(ValueError, match=r"T has shape \(2, 9\), expected x_pred's shape \(2, 8\)"):
         ks.project(x, torch.zeros(2, 9, device=DEVICE), 1.0)
-    with pytest.raises(ValueError, match="must be contiguous"):
-        y = torch.zeros(8, 2, device=DEVICE).t()
-        ks.predict(y, y.contiguous(), 1.0, 1.0)
+    # Non-contiguous inputs are copied once (kernels._common's one layout policy), out= is written in place.
+    y = torch.randn(8, 2, device=DEVICE).t()
+    s = torch.randn(8, 2, device=DEVICE).t()
+    assert torch.equal(ks.predict(y, s, 0.5, 2.0), ks.predict(y.contiguous(), s.contiguous(), 0.5, 2.0))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        ks.predict(y.contiguous(), s.contiguous(), 1.0, 1.0, out=torch.empty(8, 2, device=DEVICE).t())
     with pytest.raises(ValueError, match="0-d"):
         ks.predict(torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE), 1.0, 1.0)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
