@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import check_device, check_dtype
+from ._common import addressable, check_device, check_dtype
 
 __all__ = ["group_norm_act"]
 
@@ -238,7 +238,7 @@ def _spatial_merges(x: torch.Tensor) -> bool:
 
 def _as_bcp(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """x as (B, C, P) strides; a contiguous copy only if its spatial dims do not flatten to one stride."""
-    view = x if _spatial_merges(x) else x.contiguous()
+    view = addressable(x, _spatial_merges)  # kernels._common's one layout policy
     ps = view.stride(-1) if view.dim() > 2 else 1
     return view, (view.stride(0), view.stride(1), ps)
 
