@@ -3,6 +3,7 @@
 One home for them (ARCHITECTURE: "the checks that every launcher needs belong in one shared
 helper module inside `kernels/`"), so that the step, attention and GroupNorm kernels fail alike,
 and the sampler-step backends (Triton, C++) raise the very same errors for the same input.
+Launcher plumbing: no ALGORITHMS.md section of its own (the step checks serve §2's updates).
 """
 from __future__ import annotations
 

@@ -197,8 +197,8 @@ def _affine_kernel(out_ptr, t0, t1, t2, t3, z_ptr,
 # `step` changes every launch: not specialised (one compiled variant serves every step). `numel`
 # is fixed for a whole sampling run and specialised: Triton compiles one variant per class
 # (1, a multiple of 16, other), and a multiple of 16 lets every load and store be a 16-byte
-# vector in fp32 (8 bytes in 16-bit storage), against 4 (2) bytes without the hint (sm_90
-# builds, issue 18). The seed is read from the device and never specialises anything.
+# vector (with _launch_config's warps), against 4 bytes in fp32 and 2 in bf16 without the hint
+# (sm_90 builds, issue 18). The seed is read from the device and never specialises anything.
 @triton.jit(do_not_specialize=["step"])
 def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, step,
                   NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr,
@@ -327,9 +327,10 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
 # Public launchers, one per update of kernels.optable (and of wgfcore.ops)
 # --------------------------------------------------------------------------------------
 # Coefficients: python numbers, 0-d tensors or (B,) tensors on the tensors' device (any floating
-# dtype; loaded and used in fp32). Tensors: one shape (B, ...), one dtype (fp32/fp16/bf16), one
-# device, contiguous (non-contiguous input is rejected, never silently copied). The result has
-# x's dtype; `out=` may alias an input (each element is read before it is written). The kernels
+# dtype; loaded and used in fp32). Tensors: one shape (B, ...), one dtype (fp32/fp16/bf16/fp64),
+# one device; a non-contiguous input is copied once (kernels._common's one layout policy), `out=`
+# must be contiguous. The result has x's dtype; `out=` may alias an input (each element is read
+# before it is written). The kernels
 # define no backward: outputs never require grad (sampling needs none; use wgfcore.ops for that).
 
 
