@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import numbers
 import os
 import platform
 import shutil
@@ -26,20 +25,13 @@ import threading
 
 import torch
 
-from ._common import check_dtype
+from . import _common as C
+from ._common import FLAG_CLEAR, STEP_DTYPES
+from .noise import NOISE_R
 from .optable import OPS, StepOp
 
 __all__ = ["predict", "em", "project", "heun", "CppSteps", "status", "available", "require", "NOISE_R",
            "FLAG_CLEAR", "STEP_DTYPES"]
-
-# The noise layout and flag value of kernels/sampler_step.py (one counter feeds elements
-# g 4R + k R + r, k = 0..3); tests/test_cpu_steps.py checks that the two agree.
-NOISE_R = 1024
-_GROUP = 4 * NOISE_R
-_MAX_NUMEL = 2**31 - _GROUP
-FLAG_CLEAR = 2**62
-STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NO_NOISE, _EXPLICIT, _PHILOX = 0, 1, 2
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_steps.cpp")
 
@@ -184,9 +176,7 @@ def require(who: str = "backend='cpp'"):
 
 
 # --------------------------------------------------------------------------------------
-# Validation: kernels.sampler_step's rules and messages, with the CPU as the device rule.
-# These mirror the launchers' checks until they move to kernels/_common.py (/work/notes/cpp-needs.md);
-# tests/test_cpu_steps.py holds both backends to the same messages.
+# Validation: kernels._common's checks (the Triton launchers' very messages), the CPU as device rule
 # --------------------------------------------------------------------------------------
 
 def _check_cpu(op: str, x: torch.Tensor) -> None:
@@ -195,136 +185,45 @@ def _check_cpu(op: str, x: torch.Tensor) -> None:
                          "(kernels.sampler_step runs the same updates on CUDA)")
 
 
-def _check_tensors(op: str, named: dict):
-    """All tensors: same shape, dtype, device (the CPU); supported dtype; contiguous. Returns the first."""
-    items = list(named.items())
-    for name, t in items:
-        if not torch.is_tensor(t):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    name0, x = items[0]
-    for name, t in items[1:]:
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {name0} is on {x.device}; all tensors must "
-                             "share one device")
-    for name, t in items[1:]:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
-                            "one storage dtype")
-    check_dtype(op, x.dtype, STEP_DTYPES)
-    if x.ndim < 1:
-        raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
-    for name, t in items[1:]:
-        if t.shape != x.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {name0}'s shape {tuple(x.shape)}")
-    for name, t in items:
-        # Rejected rather than copied: a hidden .contiguous() would add a full extra pass.
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
-                             "call .contiguous() first")
-    _check_cpu(op, x)
-    if x.numel() > _MAX_NUMEL:
-        raise ValueError(f"{op}: at most {_MAX_NUMEL} elements per call (int32 offsets), got {x.numel()}")
-    return x
-
-
-def _coef_arg(op: str, name: str, c, x: torch.Tensor):
-    """(value, fp32 tensor or None) for a coefficient: a python number, a 0-d tensor or a (B,)
-    tensor; a tensor is read in fp32, as the Triton kernels load it."""
-    if torch.is_tensor(c):
-        if not c.is_floating_point():
-            raise TypeError(f"{op}: coefficient {name} must be a floating tensor, got dtype {c.dtype}")
-        if c.device != x.device:
-            raise ValueError(f"{op}: coefficient {name} is on {c.device} but the tensors are on {x.device}; "
-                             "compute the coefficient tables on the device before the loop")
-        if c.ndim == 0 or (c.ndim == 1 and c.shape[0] == x.shape[0]):
-            return 0.0, c.to(torch.float32).contiguous()
-        raise ValueError(f"{op}: coefficient {name} must be a scalar or have shape (B,) = ({x.shape[0]},), "
-                         f"got shape {tuple(c.shape)}")
-    if isinstance(c, numbers.Real) and not isinstance(c, bool):
-        return float(c), None
-    raise TypeError(f"{op}: coefficient {name} must be a python number or a tensor, got {type(c).__name__}")
-
-
-def _check_key(op: str, seed, step):
-    """seed and step as python ints in [0, 2**32); numpy integers are accepted."""
-    if type(seed) is int and type(step) is int and 0 <= seed < 2**32 and 0 <= step < 2**32:
-        return seed, step
-    for name, v in (("seed", seed), ("step", step)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be an integer for in-kernel noise, got {type(v).__name__}")
-        if not 0 <= int(v) < 2**32:
-            raise ValueError(f"{op}: {name} must lie in [0, 2**32), got {v}")
-    return int(seed), int(step)
-
-
-def _noise_mode(spec: StepOp, coefs: tuple, z, seed, step) -> int:
-    op = spec.name
-    c_z = coefs[spec.columns.index(spec.noise)] if spec.noise is not None else None
-    if c_z is None:
-        if z is not None:
-            raise ValueError(f"{op}: z was given but c_z is None; pass c_z to inject noise")
-        return _NO_NOISE
-    if z is not None:
-        if seed is not None:
-            raise ValueError(f"{op}: give either an explicit z or a seed for in-kernel noise, not both")
-        return _EXPLICIT
-    if seed is None or step is None:
-        raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
-    return _PHILOX
-
-
-def _check_tables(owner: str, x: torch.Tensor, tables: dict) -> dict:
-    checked = {}
-    for name, tab in tables.items():
-        spec = OPS.get(name)
-        if spec is None:
-            raise ValueError(f"{owner}: unknown coefficient table {name!r}; known: {sorted(OPS)}")
-        if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != spec.ncol or not tab.is_floating_point():
-            raise ValueError(f"{owner}: table {name!r} must be a floating (N, {spec.ncol}) tensor with columns "
-                             f"({', '.join(spec.columns)}), got {getattr(tab, 'shape', type(tab).__name__)}")
-        if tab.device != x.device:
-            raise ValueError(f"{owner}: table {name!r} is on {tab.device}, the state on {x.device}")
-        checked[name] = (spec, tab)
-    return checked
-
-
-def _pack_table(spec: StepOp, tab: torch.Tensor) -> torch.Tensor:
-    """A sampler table (N, spec.ncol) as the kernels' (N, NT + 1) fp32 rows (kernels.optable)."""
-    tab = tab.to(torch.float32)
-    cols = [tab[:, k] if isinstance(k, int) else tab.new_full((tab.shape[0],), k) for k in spec.kernel_columns()]
-    return torch.stack(cols, 1).contiguous()
-
-
 def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=None, out=None):
     """Validate, then one pass computing sum_k a_k t_k (+ c_z z); `coefs` are `spec.columns` in order,
     the noise column None for no noise term (kernels.sampler_step._launch's rules)."""
     op = spec.name
-    noise = _noise_mode(spec, coefs, z, seed, step)
+    noise = C.noise_mode(spec, coefs, z, seed, step)
     named = dict(zip(spec.tensors, tensors))
-    if noise == _EXPLICIT:
+    if noise == C.NOISE_EXPLICIT:
         named["z"] = z
-    if out is not None:
-        named["out"] = out
-    x = _check_tensors(op, named)
-    seed, step = _check_key(op, seed, step) if noise == _PHILOX else (0, 0)
+    named = C.check_tensors(op, named, device_check=_check_cpu, out=out)  # copies non-contiguous inputs once
+    x = named[spec.tensors[0]]
+    seed, step = C.check_key(op, seed, step) if noise == C.NOISE_PHILOX else (0, 0)
     by_name = dict(zip(spec.columns, coefs))
-    args = [_coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), None) for a in spec.scales]
+    args = [_coef(op, a, by_name[a], x) if isinstance(a, str) else (float(a), None) for a in spec.scales]
     args += [(0.0, None)] * (4 - spec.nt)
-    args.append(_coef_arg(op, spec.noise, by_name[spec.noise], x) if noise != _NO_NOISE else (0.0, None))
+    args.append(_coef(op, spec.noise, by_name[spec.noise], x) if noise != C.NOISE_NONE else (0.0, None))
     ext = require(op)
     if out is None:
         out = torch.empty_like(x)
-    ext.affine(out, list(tensors), z if noise == _EXPLICIT else None, [a for a, _ in args], [t for _, t in args],
+    ext.affine(out, [named[n] for n in spec.tensors], named.get("z"), [a for a, _ in args], [t for _, t in args],
                noise, seed, step)
     return out
+
+
+def _coef(op: str, name: str, c, x: torch.Tensor):
+    """(value, fp32 tensor or None) for the C++ pass: kernels._common.coef_arg's checks, then a tensor
+    (0-d or (B,)) read in fp32, as the Triton kernels load it."""
+    arg, _, mode = C.coef_arg(op, name, c, x, interpreted=False)
+    if mode == C.COEF_VALUE:
+        return arg, None
+    return 0.0, arg.to(torch.float32).contiguous()
 
 
 # --------------------------------------------------------------------------------------
 # Public launchers: kernels.sampler_step's, on CPU tensors (any of fp32/fp64/fp16/bf16)
 # --------------------------------------------------------------------------------------
 # Coefficients: python numbers, 0-d tensors or (B,) tensors (any floating dtype, used in fp32).
-# Tensors: one shape (B, ...), one dtype, contiguous, on the CPU. The result has x's dtype; `out=`
-# may alias an input (each element is read before it is written). No autograd.
+# Tensors: one shape (B, ...), one dtype, on the CPU; a non-contiguous one is copied once (the
+# layout policy of kernels._common). The result has x's dtype; `out=` (contiguous) may alias an
+# input (each element is read before it is written). No autograd.
 
 
 def predict(x, s, c_x, c_s, *, out=None) -> torch.Tensor:
@@ -366,13 +265,7 @@ class CppSteps:
     name = "cpp"
 
     def __init__(self, seed, device=None):
-        if torch.is_tensor(seed):
-            if seed.ndim != 0 or seed.dtype != torch.int64:
-                raise TypeError(f"CppSteps: a seed tensor must be 0-d int64, got {seed.dtype} of shape "
-                                f"{tuple(seed.shape)}")
-            self.seed = seed
-        else:
-            self.seed = _check_key("CppSteps", seed, 0)[0]
+        self.seed = C.check_seed("CppSteps", seed)
         self.device = torch.device(device) if device is not None else None
         if self.device is not None and self.device.type != "cpu":
             raise ValueError(f"CppSteps: the C++ step kernels run on the CPU, got device={self.device}")
@@ -383,8 +276,11 @@ class CppSteps:
 
     def plan(self, x: torch.Tensor, tables: dict) -> "CppSteps":
         """Validate x and the tables once; keep everything a step needs. Returns self."""
-        _check_tensors("CppSteps", {"x": x})
-        checked = _check_tables("CppSteps", x, tables)
+        C.check_tensors("CppSteps", {"x": x}, device_check=_check_cpu)
+        if not x.is_contiguous():  # the loop hands this state to every step unchecked: no copy can help
+            raise ValueError(f"CppSteps: the state x must be contiguous (strides {x.stride()} for shape "
+                             f"{tuple(x.shape)})")
+        checked = C.check_tables("CppSteps", x, tables)
         seed = self.seed
         if torch.is_tensor(seed):
             if seed.device != x.device:
@@ -395,7 +291,7 @@ class CppSteps:
         self._seed_t = seed
         self._dtype = x.dtype
         self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64)
-        self._tables = {name: (_pack_table(spec, tab), tab.shape[0]) for name, (spec, tab) in checked.items()}
+        self._tables = {name: (C.pack_table(spec, tab), tab.shape[0]) for name, (spec, tab) in checked.items()}
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
