@@ -295,14 +295,15 @@ class CppSteps:
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
-        """A network output as the kernels take it: contiguous, in the state's dtype or fp32.
+        """A network output as the kernels take it: addressable (kernels._common's layout policy:
+        contiguous here), in the state's dtype or fp32.
 
         Both conversions keep the values the update uses: a 16-bit output is exact in fp32, and
         wgfcore.ops reads an fp64 output in fp32 too.
         """
         if t.dtype != self._dtype and t.dtype != torch.float32:
             t = t.float()
-        return t if t.is_contiguous() else t.contiguous()
+        return C.addressable(t)
 
     def _step(self, name, i, t0, t1, t2, t3, nt, noisy):
         tab, n = self._tables[name]
