@@ -15,8 +15,8 @@ with a distribution-free interval for that median (order statistics, >= 90% cove
 - one fused step (CppSteps.em with noise, predict, project, heun) with its GB/s and share of the
   session's copy_ bandwidth, and two threads against one for the noisy EM step (>= 1.6x).
 
-Rows on a loaded machine: the thread-scaling target is asserted only when the 1-minute load
-average leaves a second core free; otherwise the row records the figure and the load, and warns.
+One-thread targets are checked on CPU time (robust to other tenants), two-thread ones on wall time;
+the two-thread rows skip, naming the load, when the 1-minute load average leaves no core free.
 WGF_BENCH_ROUNDS raises the rounds (default 7) for a recorded run.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 
 import pytest
 import torch
@@ -104,10 +103,14 @@ def load_note() -> dict:
     return {"loadavg_1min": round(load1, 2), "cpu_count": os.cpu_count()}
 
 
-def second_core_free(note) -> bool:
-    """Whether two threads can be timed at all: 2+ cores and the 1-minute load leaving one idle."""
+def skip_without_free_cores(threads: int) -> None:
+    """Skip a multi-threaded row where its threads cannot all run: fewer cores, or a 1-minute load
+    average that leaves fewer than `threads` - 1 of them idle. There OpenMP threads wait on
+    descheduled siblings and a ratio measures the machine's other tenants, not the kernels."""
+    note = load_note()
     cores = note["cpu_count"] or 1
-    return cores >= 2 and cores - note["loadavg_1min"] >= 1.0
+    if cores < threads or cores - note["loadavg_1min"] < threads - 1:
+        pytest.skip(f"{threads} threads: load average {note['loadavg_1min']} on {cores} cores leaves no free core")
 
 
 # --- the contestants ------------------------------------------------------------------------------
@@ -201,6 +204,8 @@ def test_sampler_vs_hand_loop(benchmark, sampler, sname, threads):
     """Target on one thread: the CPU-time ratio (robust to other tenants); on two threads the wall
     ratio, checked only when a second core is free (see the module docstring)."""
     shape, steps = SHAPES[sname]
+    if threads > 1:
+        skip_without_free_cores(threads)
     hand, cpp = hand_run(sampler, shape, steps), cpp_run(sampler, shape, steps)
     if sampler in ("pf_ode", "heun_ode"):  # no noise: the same samples, but for the order of the sums
         torch.testing.assert_close(with_threads(threads, cpp)(), with_threads(threads, hand)(), rtol=1e-4, atol=1e-5)
@@ -212,12 +217,7 @@ def test_sampler_vs_hand_loop(benchmark, sampler, sname, threads):
     benchmark.extra_info.update(sampler=sampler, shape=list(shape), steps=steps, threads=threads,
                                 target=TARGETS[sampler], rounds=rounds, **note)
     what = f"{sampler} {sname} {threads} thread(s): wall {fmt(r['wall'])}, cpu {fmt(r['cpu'])}"
-    if threads == 1:
-        assert r["cpu"][0] >= TARGETS[sampler], f"{what} < {TARGETS[sampler]}x"
-    elif second_core_free(note):
-        assert r["wall"][0] >= TARGETS[sampler], f"{what} < {TARGETS[sampler]}x"
-    else:
-        warnings.warn(f"{what}: load {note['loadavg_1min']} on {note['cpu_count']} cores, target not checked")
+    assert r["cpu" if threads == 1 else "wall"][0] >= TARGETS[sampler], f"{what} < {TARGETS[sampler]}x"
 
 
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "pf_ode", "heun_ode"])
@@ -257,6 +257,8 @@ def _step_fn(update, shape):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_step_bandwidth(benchmark, copy_bandwidth, record_rates, update, sname, threads):
     """One planned step (a fused pass, noise drawn in it): GB/s and share of copy_ bandwidth."""
+    if threads > 1:
+        skip_without_free_cores(threads)
     shape, _ = SHAPES[sname]
     fn = with_threads(threads, _step_fn(update, shape))
     calls = 10
@@ -270,71 +272,12 @@ def test_step_bandwidth(benchmark, copy_bandwidth, record_rates, update, sname, 
 @pytest.mark.parametrize("sname", list(SHAPES))
 def test_two_threads_vs_one(benchmark, sname):
     """The noisy EM step on 2 threads against 1, interleaved (wall time)."""
+    skip_without_free_cores(2)
     shape, _ = SHAPES[sname]
     step = _step_fn("em", shape)
     fns = {"1": with_threads(1, lambda: [step() for _ in range(5)]),
            "2": with_threads(2, lambda: [step() for _ in range(5)])}
     times = benchmark.pedantic(interleave, args=(fns, ROUNDS), rounds=1, iterations=1)
     r = record_ratio(benchmark, times, "1", "2", "speedup_2_threads")
-    note = load_note()
-    benchmark.extra_info.update(update="em", shape=list(shape), target=1.6, **note)
-    what = f"2 threads vs 1 at {sname}: {fmt(r['wall'])}"
-    if not second_core_free(note):
-        warnings.warn(f"{what} with load {note['loadavg_1min']} on {note['cpu_count']} cores: no free second core, "
-                      "target not checked")
-        return
-    assert r["wall"][0] >= 1.6, f"{what} < 1.6x"
-
-
-# --- the main job's evaluation (issue 16 item 6): opt-in, it needs a trained run ---------------------
-
-MAIN_RUN = os.environ.get("WGF_MAIN_RUN")
-
-
-@pytest.mark.skipif(not MAIN_RUN, reason="needs a trained main-job run: WGF_MAIN_RUN=<run folder of "
-                                         "`python train/run.py`>; ~10 min per backend on 2 cores")
-def test_main_job_evaluation(benchmark, tmp_path):
-    """The main job's Table 1 evaluation of one trained run (its EMA networks, its config), once with the
-    step backend "auto" picks on a CPU (cpp) and once with torch's, in the order cpp, torch, torch, cpp
-    (so that drift cancels), each into its own folder. Records the evaluation time of each backend and
-    every cell's digits-FD with its bootstrap SE.
-
-    The draws differ only in the in-loop noise: both backends take the prior draws from the same
-    seeded generator, then cpp draws z from Philox keyed by a key that generator gives, torch from the
-    generator itself. So EM, EM 2N and Predict-Project cells are other draws of the same law; Heun draws
-    no noise, its samples differ by fp32 rounding only (the torch corrector fuses its multiply-adds).
-    Checked: every cell within 4 combined bootstrap SEs."""
-    from train.engine.checkpoint import load_run
-    from train.engine.distributed import Dist
-    from train.evaluation.evaluate import evaluate
-    from train.evaluation.references import features_and_reference
-
-    cfg, eps_net, proj_net, step = load_run(MAIN_RUN)
-    d = Dist()
-    feats, ref, extra, _ = features_and_reference(cfg, d, tmp_path / "cache", False)
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(cfg.cpu_threads or old))
-    seconds, tables = {"cpp": [], "torch": []}, {}
-
-    def run_all():
-        for i, backend in enumerate(("cpp", "torch", "torch", "cpp")):
-            t0 = time.perf_counter()
-            rows = evaluate(cfg, eps_net, proj_net, feats, ref, tmp_path / f"{backend}{i}", d, backend=backend,
-                            progress=False, extra_rows=extra, verdicts=False)
-            seconds[backend].append(time.perf_counter() - t0)
-            tables[backend] = {(r["row"], r["N"]): (r["value"], r["se"]) for r in rows if r["sampler"] != "difference"}
-
-    try:
-        benchmark.pedantic(run_all, rounds=1, iterations=1)
-    finally:
-        torch.set_num_threads(old)
-    ex = benchmark.extra_info
-    ex.update(run=str(MAIN_RUN), checkpoint_step=step, threads=int(cfg.cpu_threads or old), **load_note())
-    ex["eval_seconds"] = {k: [round(s, 1) for s in v] for k, v in seconds.items()}
-    ex["eval_speedup_cpp_vs_torch"] = round(sum(seconds["torch"]) / sum(seconds["cpp"]), 3)
-    ex["cells"] = {f"{row}@{N}": {"cpp": tables["cpp"][(row, N)], "torch": tables["torch"][(row, N)]}
-                   for row, N in tables["cpp"]}
-    for (row, N), (v_c, se_c) in tables["cpp"].items():
-        v_t, se_t = tables["torch"][(row, N)]
-        if se_c is not None and se_t is not None:
-            assert abs(v_c - v_t) <= 4 * math.hypot(se_c, se_t), (row, N, v_c, se_c, v_t, se_t)
+    benchmark.extra_info.update(update="em", shape=list(shape), target=1.6, **load_note())
+    assert r["wall"][0] >= 1.6, f"2 threads vs 1 at {sname}: {fmt(r['wall'])} < 1.6x"

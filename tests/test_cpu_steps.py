@@ -215,6 +215,18 @@ def test_plan_noise_matches_tritonsteps(dtype):
     assert bool(((got - want).abs() <= 1e-5 + ulp).all())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed,step", [(1, 2), (2**32 - 1, 77)])
+def test_noise_matches_its_reference(dtype, seed, step):
+    """kernels/noise.py's z for each storage dtype (randn4x for fp32/fp64 states, box_muller16 for
+    fp16/bf16), before rounding: our log/sin/cos against torch's, a few fp32 ulps of |z| <= 5.8.
+    The pass then rounds that z once to the state's dtype."""
+    n = 3 * 4096 + 5
+    z = cs.require().noise(seed, step, n, dtype in (torch.float16, torch.bfloat16))
+    assert float((z - normal(seed, step, n, dtype)).abs().max()) <= 1e-5
+    assert torch.equal(noise((n,), seed, step, dtype), z.to(dtype))
+
+
 def test_noise_depends_only_on_key_and_offset():
     ext = cs.require()
     z = noise((3, 9000), seed=9, step=2)
