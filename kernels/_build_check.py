@@ -1,13 +1,15 @@
 """Compiled-code facts of every kernel configuration that real code launches, read without a GPU.
 
-    TRITON_INTERPRET=0 python -m kernels._build_check [--quick] [--json FILE] [--jobs N]
-    python -m kernels._build_check --warm --jobs 16        # on a GPU: fill Triton's cache
+    TRITON_INTERPRET=0 python -m kernels._build_check [--quick] [--json FILE] [--jobs N] [--list]
+    TRITON_INTERPRET=0 python bench/build_check.py ...     # the same with the adm64 U-Net's launches
+    python bench/build_check.py --warm --jobs 15            # on a GPU: fill Triton's cache
 
 The interpreter runs a kernel's arithmetic in Python, never Triton's compiler, so layouts,
 register allocation and vector widths are only seen in a real build. This module runs the code
 that launches kernels -- the sampling loop's step backend, the public step launchers, the
-attention API, the adm64 U-Net's training step and sampling forward (SCENARIOS) -- on fake CUDA
-tensors (torch's FakeTensorMode: shapes, strides and dtypes, no memory). Each Triton launch is
+attention API, the fused GroupNorm (SCENARIOS; bench/build_check.py adds the U-Net, as kernels
+imports only torch and triton) -- on fake CUDA tensors (torch's FakeTensorMode: shapes, strides
+and dtypes, no memory). Each Triton launch is
 turned into Triton's own warm-up of the same call: Triton's launcher specialises it as on a GPU
 (16-byte pointer alignment, integers divisible by 16, `do_not_specialize`) and compiles it for
 sm_90 with the wheel's compiler, without launching. For each distinct binary it reports ptxas's
@@ -17,7 +19,7 @@ multiple-of-16 element count moving 16 bytes per access. Exit status 1 names wha
 
 With `--warm` on a CUDA machine the same launches compile for that GPU into Triton's on-disk
 cache (keys are those of a real launch), split over `--jobs` processes: bench/device_check.py
-runs it before its timed phases. /work/notes/build_check.md says how to add a kernel.
+runs it (through bench/build_check.py) before its timed phases. /work/notes/build_check.md says how to add a kernel.
 """
 from __future__ import annotations
 
@@ -326,37 +328,13 @@ def _groupnorm(shapes, dtype=BF16):
             fake_backward(group_norm_act(x, 32, w, b, scale, shift))
 
 
-def _unet(batch: int, train: bool, channels_last: bool, preset: str = "adm64"):
-    """The U-Net with set_kernels("fused") under bf16 autocast, as bench/test_bench_unet.py runs it:
-    the training step's forward and backward, or the sampling forward."""
-    from wgfcore.nets import UNet
-
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily():  # built and converted on meta (no memory), then given fake CUDA weights
-        with torch.device("meta"):
-            net = UNet.from_preset(preset)
-        net.set_kernels("fused", channels_last=channels_last)
-    fake_module(net)
-    res, ch = net.img_resolution, net.in_channels
-    x = cuda(batch, ch, res, res)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    t = cuda(batch)
-    net.train(train)
-    with cuda_autocast():
-        out = net(x, t)
-    if train:
-        fake_backward(out.float())
-
-
 @dataclass
 class Scenario:
     """Code to run on fake CUDA tensors; its launches are compiled and checked.
 
     Every kernel of the package must be launched by some scenario, and by a quick one: the
     `--quick` run (tests/test_build_check.py) reports a kernel that none reaches. A kernel
-    reached through the attention API or the U-Net needs nothing new; another adds a Scenario
+    reached through the attention API, group_norm_act or the U-Net needs nothing new; another adds a Scenario
     whose `run` calls its public launcher on `cuda(...)` tensors (inside the fake mode).
 
     min_access_bytes(args) -> bytes or None: the narrowest global load or store allowed, for a
@@ -390,12 +368,6 @@ SCENARIOS: list[Scenario] = [
              note="fp32 storage (the GPU tests' dtype)"),
     Scenario("groupnorm/levels", lambda: _groupnorm([(16, 128, 64, 64), (16, 512, 8, 8)]), quick=True,
              note="the U-Net's first and last level, bf16, with and without scale-shift"),
-    Scenario("unet/adm64-train", lambda: _unet(32, True, False), note="fused, batch 32, fwd+bwd"),
-    Scenario("unet/adm64-train-cl", lambda: _unet(32, True, True), note="fused channels_last, batch 32, fwd+bwd"),
-    Scenario("unet/adm64-sample", lambda: (_unet(16, False, False), _unet(64, False, True)),
-             note="fused forward, batch 16 NCHW and 64 channels_last"),
-    Scenario("unet/tiny-train", lambda: _unet(8, True, False, preset="tiny"),
-             note="the tiny preset's fused step: GroupNorm and one-tile attention"),
 ]
 
 

@@ -189,3 +189,12 @@ def test_cli_errors_are_one_line(capsys, argv, says):
     assert B.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err
+
+
+def test_the_unet_launches_are_recorded_from_bench():
+    """bench/build_check.py adds the U-Net (kernels must not import wgfcore): its fused training
+    step reaches the GroupNorm kernels both ways and the one-tile attention forward and backward."""
+    r = _run([os.path.join("bench", "build_check.py"), "--list", "--scenario", "unet/tiny-train"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kernels_seen = {line.split()[1].rstrip(":") for line in r.stdout.splitlines() if line.startswith("unet/")}
+    assert {"_gn_fwd_kernel", "_gn_bwd_kernel", "_fwd_kernel", "_bwd_one_block_kernel"} <= kernels_seen
