@@ -65,6 +65,20 @@ def pytest_configure(config):
     _install_compile_timer()
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # before pytest-benchmark's own wrapper writes the JSON
+def pytest_sessionfinish(session, exitstatus):
+    """A benchmark interrupted before its first round has no statistics, and pytest-benchmark's
+    JSON writer then fails on it (min() of nothing), losing every finished row of the phase:
+    leave such a benchmark out before the writer runs (its test row says it was interrupted)."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None and isinstance(getattr(bs, "benchmarks", None), list):
+        for b in [b for b in bs.benchmarks if not getattr(getattr(b, "stats", None), "data", None)]:
+            bs.benchmarks.remove(b)
+            _write({"event": "dropped", "name": getattr(b, "name", "?"),
+                    "message": "interrupted before its first round: no statistics, left out of the JSON"})
+    yield
+
+
 def pytest_unconfigure(config):
     if _state["file"] is not None:
         _write({"event": "end"})

@@ -199,6 +199,7 @@ def run_phase(ph: Phase, out: Path, cap: float, env: dict, smoke_ids: list) -> P
         cmd += [f"--deselect={i}" for i in smoke_ids]
     if ph.bench:
         cmd += ["--benchmark-only", f"--benchmark-json={out / ('bench-' + ph.name + '.json')}"]
+    rows.unlink(missing_ok=True)  # the plugin appends: a rerun into the same folder starts afresh
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=penv, start_new_session=True)
@@ -393,8 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--pack", help="also write DIR/device_check.tar.gz and DIR/device_check.md after every phase")
     p.add_argument("--dry", action="store_true", help="CPU: run every part of the plumbing on tiny selections")
     p.add_argument("--quick", action="store_true", help="one row per target (<= 180 s)")
-    p.add_argument("--budget", type=float, help="wall-clock seconds for all phases (default 420; --quick 180; "
-                                                "--dry 60)")
+    p.add_argument("--budget", type=float, help="wall-clock seconds for all phases (default 395; --quick 160; "
+                                                "--dry 60), leaving room for a last phase's SIGINT grace within "
+                                                "the 420 s / 180 s targets")
     p.add_argument("--commit", help="the commit measured, when the tree has no .git (recorded as given)")
     p.add_argument("--no-warm", action="store_true", help="skip the parallel warm-up of Triton's cache")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -405,7 +407,7 @@ def main(argv=None) -> int:
                                                        "the plan leaves unmeasured (any machine; writes plan.json)")
     args = p.parse_args(argv)
 
-    budget = args.budget if args.budget is not None else (60.0 if args.dry else 180.0 if args.quick else 420.0)
+    budget = args.budget if args.budget is not None else (60.0 if args.dry else 160.0 if args.quick else 395.0)
     if budget <= 0:
         return _error(f"--budget must be > 0 seconds, got {args.budget}")
     if args.commit is not None and not re.fullmatch(r"[0-9a-fA-F]{7,40}", args.commit):

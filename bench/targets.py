@@ -161,11 +161,11 @@ def min_speedup_over(pairs, key, at_least, label):
     return _needs(ev, [a for a, _ in pairs], [b for _, b in pairs])
 
 
-def run_figure(key, at_most_s, mode):
-    """A figure of the device check run itself (issue 18)."""
+def run_figure(key, at_most_s, modes):
+    """A figure of the device check run itself (issue 18), from a run in one of `modes`."""
     def ev(rows, run):
-        if run.get("mode") != mode or run.get(key) is None:
-            return Result(None, [], "not measured", f"needs a {mode} run on a GPU" if mode != "any" else "")
+        if run.get("mode") not in modes or run.get(key) is None:
+            return Result(None, [], "not measured", f"needs a {' or '.join(modes)} run on a GPU")
         v = run[key]
         return Result(f"{v:.0f} s", [f"device_check.md ({key})"], _verdict(v <= at_most_s))
     return _needs(ev)
@@ -261,9 +261,10 @@ def _targets() -> list[Target]:
         t.append(Target("17", f"torch path faster than {lib}'s loop for the same sampler at every shape",
                         cpu_ratio([f"test_loop_vs[{lib}]"], at_most=1.0, key="worst_ratio")))
     # issue 18: the device check itself
-    t.append(Target("18", "correctness smoke phase: <= 60 s", run_figure("smoke_s", 60, "full")))
-    t.append(Target("18", "the whole device check, every phase: <= 420 s on the GPU", run_figure("total_s", 420, "full")))
-    t.append(Target("18", "`--quick`, one row per target: <= 180 s", run_figure("total_s", 180, "quick")))
+    t.append(Target("18", "correctness smoke phase: <= 60 s", run_figure("smoke_s", 60, ("full", "quick"))))
+    t.append(Target("18", "the whole device check, every phase: <= 420 s on the GPU",
+                    run_figure("total_s", 420, ("full",))))
+    t.append(Target("18", "`--quick`, one row per target: <= 180 s", run_figure("total_s", 180, ("quick",))))
     return t
 
 

@@ -168,8 +168,8 @@ def fake_module(module: torch.nn.Module) -> torch.nn.Module:
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None:
-                m._parameters[name] = torch.nn.Parameter(
-                    torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cuda"), requires_grad=p.requires_grad)
+                fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cuda")
+                m._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
         for name, b in list(m._buffers.items()):
             if b is not None:
                 m._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cuda")
@@ -353,7 +353,8 @@ class Scenario:
 
 SCENARIOS: list[Scenario] = [
     Scenario("step/sample-loop", lambda: _sampling_loop([(F32, BF16), (BF16, BF16)]), quick=True,
-             min_access_bytes=step_vector_rule, streamed=STEP_STREAMED, note="TritonSteps at 16x3x64x64: fp32 state + bf16 network, bf16"),
+             min_access_bytes=step_vector_rule, streamed=STEP_STREAMED,
+             note="TritonSteps at 16x3x64x64: fp32 state + bf16 network, bf16"),
     Scenario("step/sample-loop-dtypes", lambda: _sampling_loop([(F32, F32), (F16, F16), (F64, F32)]),
              min_access_bytes=step_vector_rule, streamed=STEP_STREAMED, note="fp32, fp16, fp64 state"),
     Scenario("step/public", lambda: _public_steps([F32], [(16, 3, 64, 64)]), quick=True,

@@ -115,7 +115,8 @@ def test_quick_plan_measures_every_gpu_target_and_every_smoke_selector_matches(t
     for plan in (mod.quick_plan(), mod.full_plan()):
         _, report = mod.plan_report(plan, tmp_path, env)
         assert report["phases"]["smoke"]["missing_selectors"] == []
-        assert all(ph["ids"] for ph in report["phases"].values()), {k: len(v["ids"]) for k, v in report["phases"].items()}
+        sizes = {k: len(v["ids"]) for k, v in report["phases"].items()}
+        assert all(sizes.values()), sizes
         unmeasured = [t["what"] for t in report["targets"] if not t["measured"] and t["issue"] in ("11", "12", "3")]
         assert unmeasured == ["fused steps no slower than torch.compile (B=256; compile rows: opt-in --compile phase)"]
 
@@ -217,3 +218,32 @@ def test_summarize_module_still_reads_a_benchmark_file(tmp_path, capsys):
     js = tmp_path / "b.json"
     js.write_text(json.dumps({"benchmarks": [{"name": "r", "extra_info": {"gb_s": 1.5}}]}))
     assert summarize.main([str(js)]) == 0 and "| r | 1.5 |" in capsys.readouterr().out
+
+
+def test_sigint_inside_a_benchmark_round_still_leaves_the_json(tmp_path):
+    """pytest-benchmark's JSON writer fails on a benchmark stopped before its first round (no
+    statistics), which would lose every finished row of the phase: the plugin leaves it out."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "test_two.py").write_text(
+        "import pathlib, time\n"
+        "def test_done(benchmark):\n"
+        "    benchmark.pedantic(lambda: None, rounds=2)\n"
+        "def test_stopped(benchmark):\n"
+        f"    marker = pathlib.Path({str(tmp_path / 'inside')!r})\n"
+        "    benchmark.pedantic(lambda: (marker.touch(), time.sleep(60)), rounds=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "WGF_ROWS": str(tmp_path / "rows.jsonl")}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "devcheck_plugin",
+                             "test_two.py", f"--benchmark-json={tmp_path / 'b.json'}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.monotonic()
+    while not (tmp_path / "inside").exists() and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 2  # pytest's "interrupted"
+    assert [b["name"] for b in json.loads((tmp_path / "b.json").read_text())["benchmarks"]] == ["test_done"]
+    rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["nodeid"] for r in rows if r.get("event") == "test"] == ["test_two.py::test_done"]
+    assert [r["name"] for r in rows if r.get("event") == "dropped"] == ["test_stopped"]
