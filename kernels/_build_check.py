@@ -9,17 +9,18 @@ register allocation and vector widths are only seen in a real build. This module
 that launches kernels -- the sampling loop's step backend, the public step launchers, the
 attention API, the fused GroupNorm (SCENARIOS; bench/build_check.py adds the U-Net, as kernels
 imports only torch and triton) -- on fake CUDA tensors (torch's FakeTensorMode: shapes, strides
-and dtypes, no memory). Each Triton launch is
-turned into Triton's own warm-up of the same call: Triton's launcher specialises it as on a GPU
-(16-byte pointer alignment, integers divisible by 16, `do_not_specialize`) and compiles it for
-sm_90 with the wheel's compiler, without launching. For each distinct binary it reports ptxas's
-registers and spills, Triton's shared memory, and the byte width of the global loads and stores
-in the PTX, and checks RULES: no spills, shared memory within an H100's, and a step kernel on a
-multiple-of-16 element count moving 16 bytes per access. Exit status 1 names what failed.
+and dtypes, no memory). Each Triton launch is turned into Triton's own warm-up of the same call:
+Triton's launcher specialises it as on a GPU (16-byte pointer alignment, integers divisible by
+16, `do_not_specialize`) and compiles it for sm_90 with the wheel's compiler, without launching.
+For each distinct binary it reports ptxas's registers and spills, Triton's shared memory, and
+the byte width of each pointer argument's global loads and stores in the PTX, and checks: no
+spills, shared memory within an H100's, a step kernel on a multiple-of-16 element count moving
+16 bytes per access, and every kernel of the package launched by some scenario (`Scenario`
+says how to add one). Exit status 1 names what failed.
 
 With `--warm` on a CUDA machine the same launches compile for that GPU into Triton's on-disk
 cache (keys are those of a real launch), split over `--jobs` processes: bench/device_check.py
-runs it (through bench/build_check.py) before its timed phases. /work/notes/build_check.md says how to add a kernel.
+runs it (through bench/build_check.py) before its timed phases.
 """
 from __future__ import annotations
 
