@@ -110,15 +110,24 @@ def test_pack_holds_every_file_with_the_summary_beside_it(dry):
 
 
 def test_quick_plan_measures_every_gpu_target_and_every_smoke_selector_matches(tmp_path):
+    """Both GPU plans, collected on CPU in one pytest run (the phases renamed apart): every phase
+    selects tests, no smoke selector is stale, and each plan measures every GPU target but the
+    opt-in torch.compile one."""
+    import dataclasses
+
     mod = _module()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench")])}
-    for plan in (mod.quick_plan(), mod.full_plan()):
-        _, report = mod.plan_report(plan, tmp_path, env)
-        assert report["phases"]["smoke"]["missing_selectors"] == []
-        sizes = {k: len(v["ids"]) for k, v in report["phases"].items()}
-        assert all(sizes.values()), sizes
-        unmeasured = [t["what"] for t in report["targets"] if not t["measured"] and t["issue"] in ("11", "12", "3")]
-        assert unmeasured == ["fused steps no slower than torch.compile (B=256; compile rows: opt-in --compile phase)"]
+    plans = {"quick": mod.quick_plan(), "full": mod.full_plan()}
+    both = [dataclasses.replace(ph, name=f"{k}-{ph.name}") for k, plan in plans.items() for ph in plan]
+    _, report = mod.plan_report(both, tmp_path, env)
+    sizes = {k: len(v["ids"]) for k, v in report["phases"].items()}
+    assert len(sizes) == len(both) and all(sizes.values()), sizes
+    for k in plans:
+        assert report["phases"][f"{k}-smoke"]["missing_selectors"] == []
+        names = [i.split("::", 1)[1] for name, ph in report["phases"].items() if name.startswith(k + "-")
+                 for i in ph["ids"]]
+        unmeasured = [t.what for t, ok in T.coverage(names) if not ok and t.issue in ("11", "12", "3")]
+        assert unmeasured == [next(t.what for t in T.TARGETS if "torch.compile" in t.what)], (k, unmeasured)
 
 
 # --- the pieces ----------------------------------------------------------------------------------
