@@ -118,6 +118,9 @@ def attention_vs_sdpa(mode, shape, dtype, at_least):
         best = max(sdpa, key=sdpa.get)
         r = t / sdpa[best]
         basis = "" if len(sdpa) >= 4 else f"; SDPA backends measured: {', '.join(sorted(sdpa))}"
+        alt = rows.value(f"test_bench_attention[{mode}-triton-bwd5-{shape}-{dtype}]", "tflop_s")
+        if alt is not None:  # the atomic 5-matmul backward, measured beside the default (issue 18)
+            basis += f"; with the atomic backward (triton-bwd5): {alt / sdpa[best]:.2f}x"
         return Result(f"{r:.2f}x ({t:.1f} vs {best} {sdpa[best]:.1f} TFLOP/s{basis})",
                       [tri, f"test_bench_attention[{mode}-{best}-{shape}-{dtype}]"], _verdict(r >= at_least))
     return _needs(ev, [f"test_bench_attention[{mode}-triton-{shape}-{dtype}]"],

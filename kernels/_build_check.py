@@ -308,12 +308,17 @@ ATTENTION_SHAPES = [(32, 8, 64, 64), (32, 6, 256, 64), (32, 4, 1024, 64), (4, 16
 
 
 def _attention(shapes, dtypes):
-    from .attention import attention
+    """attention() forward and backward at (B, H, L, D) in each dtype, with every multi-block
+    backward the module offers (kernels.attention.BACKWARDS, chosen by use_backward)."""
+    from . import attention as A
 
+    kinds = getattr(A, "BACKWARDS", (None,))
     for B, H, L, D in shapes:
         for dtype in dtypes:
-            q, k, v = (cuda(B, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
-            fake_backward(attention(q, k, v))
+            for kind in kinds:
+                with A.use_backward(kind) if kind is not None else contextlib.nullcontext():
+                    q, k, v = (cuda(B, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
+                    fake_backward(A.attention(q, k, v))
 
 
 def _groupnorm(shapes, dtype=BF16):
