@@ -214,7 +214,7 @@ def test_resume_auto_finishes_an_interrupted_evaluation_and_export_works(tmp_pat
         assert timing["eval_seconds"] >= 0 and ("train_seconds" in timing)
         assert step_of(run) == 2
     code, err = cli(["--quick", "--config", tiny, "--out", run, "--resume", "auto", "--no-progress"], capsys)
-    one_line(code, err, "training and evaluation are complete")
+    one_line(code, err, "its training is complete", "re-evaluate it with `train/run.py eval`")
     code, err = cli(["export", "--run", run, "--to", tmp_path / "docs", "--allow-quick"], capsys)
     assert code == 0, err
 

@@ -99,16 +99,17 @@ def test_inception_weights_that_are_empty_or_another_network(tmp_path, tiny, tra
 
 @pytest.mark.parametrize("argv, expect", [
     (["--delta-tau", "inf"], "--delta-tau"),
-    (["--delta-tau", "nan"], "--delta-tau"),
+    (["--delta-tau", "nan"], "--delta-tau"),  # (this one was already refused)
     (["--seed", "99999999999999999999999"], "--seed"),
     (["--threads", "100000"], "--threads"),
-    (["--resume", ""], "--resume"),
-    (["--out", ""], "--out"),
-    (["--data-root", ""], "--data-root"),
+    (["--resume", ""], "--resume: expected a path, got an empty string"),
+    (["--out", ""], "--out: expected a path, got an empty string"),
+    (["--data-root", ""], "--data-root: expected a path, got an empty string"),
 ])
 def test_bad_values_are_one_line(tmp_path, tiny, capsys, argv, expect):
-    code, err = cli(["--quick", "--config", tiny, "--no-eval", *argv], capsys)
+    code, err = cli(["--quick", "--config", tiny, "--no-eval", "--runs-dir", tmp_path / "runs", *argv], capsys)
     one_line(code, err, expect)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gmm_with_too_few_samples(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Reproduce the experiments of Ghimire et al.: train, evaluate, write a run folder.
 
     python train/run.py                      # main job: digits (built in), tiny U-Nets, CPU, digits-FD table
-    python train/run.py --quick              # the same pipeline in under two minutes (smoke test)
+    python train/run.py --quick              # the same pipeline with a tiny budget (smoke test)
     python train/run.py --dataset gmm        # the 2-D toy job: W2 of every sampler (train/jobs/toy.py)
     python train/run.py --dataset celeba --data-root /data       # paper run (Appendix B config, GPU)
     python train/run.py --nproc-per-node 8 --dataset lsun_church --data-root /data   # DDP (or torchrun)
@@ -96,12 +96,15 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "lsun_church, svhn: need --data-root; gmm: the 2-D toy job (train/jobs/toy.py)")
     p.add_argument("--data-root", type=path_str, help="folder holding img_align_celeba/, church_outdoor_train_lmdb/ or "
                                        "train_32x32.mat")
-    p.add_argument("--config", type=path_str, help="JSON file whose keys override the dataset's config (train/configs/)")
-    p.add_argument("--quick", action="store_true", help="tiny budget: whole run in under 2 minutes on a CPU")
+    p.add_argument("--config", type=path_str,
+                   help="JSON file whose keys override the dataset's config (train/configs/)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budget: the whole pipeline as a smoke test (its numbers mean nothing)")
     p.add_argument("--out", type=path_str, help="run folder (default: <runs-dir>/<dataset>-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
     p.add_argument("--runs-dir", type=path_str, default="runs", help="parent of new run folders (default: ./runs)")
-    p.add_argument("--resume", type=path_str, help="a checkpoint file, a run folder, or 'auto' (newest run of this dataset, "
+    p.add_argument("--resume", type=path_str,
+                   help="a checkpoint file, a run folder, or 'auto' (newest run of this dataset, "
                                     "or --out's)")
     p.add_argument("--seed", type=seed, default=None,
                    help="seed of weights, data order, noise, evaluation (default: the config's, else 0)")
@@ -149,7 +152,8 @@ def eval_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=pos_int, help="sampling batch size")
     p.add_argument("--steps", type=ints, help="columns N (default: the run's own eval.steps)")
     p.add_argument("--rows", type=names, help="rows (FID default em,pp; also em2n, heun)")
-    p.add_argument("--ref-stats", type=path_str, help="with --fid: pytorch-fid .npz (mu, sigma) of the dataset, instead of computing them")
+    p.add_argument("--ref-stats", type=path_str,
+                   help="with --fid: pytorch-fid .npz (mu, sigma) of the dataset, instead of computing them")
     p.add_argument("--ref-samples", type=pos_int, default=None, help="training images for the reference (50000)")
     p.add_argument("--data-root", type=path_str, help="dataset location, if it moved since training")
     p.add_argument("--fused", action="store_true", help="Triton sampler steps and attention")

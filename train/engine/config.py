@@ -181,7 +181,7 @@ def resume(saved: dict, asked: dict, step: int, where: str, evaluation_pending: 
                          "(start a new run in another --out to change it)")
     cfg = merge(saved, {k: new for k, (_, new) in changed.items()})
     if cfg["iterations"] < step or cfg["iterations"] == step and not evaluation_pending:
-        done = " (training and evaluation are complete)" if cfg["iterations"] == step else ""
+        done = " (its training is complete)" if cfg["iterations"] == step else ""
         raise UsageError(f"{where} is at step {step}, and --iterations {cfg['iterations']} is not beyond it{done}: "
                          "ask for more iterations to continue the run, or re-evaluate it with `train/run.py eval`")
     if changed:

@@ -131,4 +131,5 @@ def shard(n: int, d: Dist) -> range:
     return range(lo, hi)
 
 
-__all__ = ["Dist", "init", "launch", "shutdown", "barrier", "broadcast_object", "all_reduce_sum", "all_gather_cat", "shard"]
+__all__ = ["Dist", "init", "launch", "shutdown", "barrier", "broadcast_object", "all_reduce_sum", "all_gather_cat",
+           "shard"]

@@ -76,7 +76,7 @@ def _legacy_proof(folder: Path) -> bool:
 def holds_run(folder: Path) -> bool:
     """Is `folder` one of our run folders (marker, or a training checkpoint of ours)?"""
     folder = Path(folder)
-    return folder.is_dir() and not folder.is_symlink() and (has_marker(folder) or _legacy_proof(folder))
+    return folder.is_dir() and (has_marker(folder) or _legacy_proof(folder))
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -99,8 +99,8 @@ def _plan(folder: Path, names, doomed: list, dirs: list) -> None:
             continue
         mode = p.lstat().st_mode
         if stat.S_ISLNK(mode):
-            raise UsageError(f"--overwrite: {p} is a symbolic link, which no run writes; nothing was removed "
-                             "(move it away, or choose another --out)")
+            raise UsageError(f"cannot replace the run: {p} is a symbolic link, which no run writes; nothing was "
+                             "removed (move it away, or choose another --out)")
         if ours_dir and stat.S_ISDIR(mode):
             rule = SUBFOLDERS[p.name]
             _plan(p, TOP_FILES if rule is None else rule, doomed, dirs)
@@ -108,8 +108,8 @@ def _plan(folder: Path, names, doomed: list, dirs: list) -> None:
         elif ours_file and stat.S_ISREG(mode):
             doomed.append(p)
         else:
-            raise UsageError(f"--overwrite: {p} is not the kind of file a run writes there; nothing was removed "
-                             "(move it away, or choose another --out)")
+            raise UsageError(f"cannot replace the run: {p} is not the kind of file a run writes there; nothing was "
+                             "removed (move it away, or choose another --out)")
 
 
 def remove_run_files(folder: Path) -> int:
@@ -120,14 +120,15 @@ def remove_run_files(folder: Path) -> int:
     _plan(folder, TOP_FILES, doomed, dirs)
     for parent in {p.parent for p in doomed} | {d.parent for d in dirs}:
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"--overwrite: cannot remove files in {parent}: permission denied; nothing was removed")
+            raise UsageError(f"cannot replace the run: cannot remove files in {parent}: permission denied; nothing "
+                             "was removed")
     for p in doomed:
         try:
             p.unlink()
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise UsageError(f"--overwrite: cannot remove {p}: {e.strerror}") from None
+            raise UsageError(f"cannot replace the run: cannot remove {p}: {e.strerror}") from None
     for d in dirs:  # deepest first: _plan appends a folder after its contents
         try:
             d.rmdir()
