@@ -42,7 +42,7 @@ def _prepare(args, d, runs_dir: Path):
     if resume is not None:
         state = ckpt.load_training_state(resume)
         step = int(state["step"])
-        if state["config"].get("dataset") == "gmm":
+        if C.Config.from_dict(state["config"], f"the config inside {resume}").toy:
             raise UsageError(f"--resume {resume} is a checkpoint of the gmm (toy) job, which does not resume")
         pending = not args.no_eval and "eval_seconds" not in read_record(run_dir / "timing.json")
         cfg, changed = C.resume(state["config"], asked(args), step, f"--resume {resume}", evaluation_pending=pending)
