@@ -60,7 +60,7 @@ from wgfcore.metrics import w2_empirical  # noqa: E402
 from wgfcore.nets.mlp import MLP  # noqa: E402
 from wgfcore.sample import eps_to_score, sample  # noqa: E402
 from wgfcore.scores import GaussianMixture, kwon_mixture  # noqa: E402
-from wgfcore.sde import VPSDE, _bcast  # noqa: E402
+from wgfcore.sde import VPSDE, eps_from_score  # noqa: E402
 
 CONFIGS = ("kwon", "ours")
 
@@ -233,7 +233,7 @@ class Kwon:
             if trajectory is not None:
                 trajectory[float(t[0])] = x[:256].clone()
             s = score_fn(x, t.float())
-            eps = -s * _bcast(self.sde.sigma(t), x)
+            eps = eps_from_score(s, self.sde.sigma(t), x)
             b = float(self.betas[i])
             x = (x - b / math.sqrt(1.0 - float(self.ab[i])) * eps) / math.sqrt(1.0 - b)
             if i > 0:
