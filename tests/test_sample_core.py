@@ -284,3 +284,30 @@ def test_options_value_errors_come_before_unused_ones():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is silently dropped any more: no warning either
         sample(neg, (4, 2), 3, sampler="reverse_sde", a=0.5, seed=0)
+
+
+# --- peer cross-check: the VP Euler-Maruyama step is diffusers' ScoreSdeVpScheduler step ----------
+
+def test_em_step_matches_diffusers_score_sde_vp_to_fp32_rounding():
+    pytest.importorskip("diffusers")
+    # deprecated in diffusers and gated behind `transformers` in its package init: import the module itself
+    from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
+
+    sched = ScoreSdeVpScheduler(sampling_eps=1e-3)
+    N = 50
+    sched.set_timesteps(N)
+    g = gaussian([1.0, -0.5], [[0.6, 0.2], [0.2, 1.5]])
+    x = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps[[0, 17, -1]]:
+        tb = t.expand(512)
+        s = g.score(x, tb, SDE).float()
+        # the model output the scheduler expects, with sigma_t as it computes it (in fp32: near t = eps
+        # its 1 - exp(...) cancels, so SDE.sigma would differ from it by ~1e-4 relative)
+        lm = -0.25 * tb**2 * (sched.config.beta_max - sched.config.beta_min) - 0.5 * tb * sched.config.beta_min
+        eps = -torch.sqrt(1.0 - torch.exp(2.0 * lm))[:, None] * s
+        theirs, _ = sched.step_pred(eps, x, tb, generator=torch.Generator().manual_seed(1))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        beta, dtau = float(SDE.beta(t.double())), 1.0 / N  # diffusers' dt is 1/N
+        ours = ops.em_step(x, s, z, 1 + beta * dtau, 2 * beta * dtau, math.sqrt(2 * beta * dtau))
+        scale = x.abs() + 2 * beta * dtau * s.abs() + math.sqrt(2 * beta * dtau) * z.abs()
+        assert bool(((ours - theirs).abs() <= 8 * torch.finfo(torch.float32).eps * scale).all()), float(t)

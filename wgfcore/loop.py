@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -183,6 +184,38 @@ class _NonFinite(Exception):
 
 # --- one run ------------------------------------------------------------------------------------
 
+_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLANS_KEPT = 16
+
+
+def _plan(spec: SamplerSpec, ts, options, sde, x):
+    """(tables on x's device in fp32, network times, their (B,) views per step, noise flags) of a run.
+
+    Pure functions of the arguments, so the last few are kept: a repeated call (sampling in batches)
+    makes no tables and no per-step views again. A zero noise column draws no noise (the PF-ODE).
+    """
+    opts = {k: v for k, v in options.items() if k != "proj_fn"}
+    try:
+        key = (spec.name, tuple(sorted(opts.items())), sde, ts.numpy().tobytes(), x.shape[0], x.device)
+        hit = _PLANS.get(key)
+    except TypeError:  # an unhashable SDE: no reuse
+        key, hit = None, None
+    if hit is not None and hit[0] is spec:
+        _PLANS.move_to_end(key)
+        return hit[1:]
+    tabs = dict(spec.tables(sde, ts, **opts))
+    t_net = tabs.pop("t", ts)
+    t = t_net.to(device=x.device, dtype=torch.float32)[:, None].expand(-1, x.shape[0]).unbind(0)
+    noise = next((tabs[k][:, -1] for k in ("em", "project") if k in tabs), None)
+    noisy = tuple((noise != 0).tolist()) if noise is not None else (False,) * (ts.numel() - 1)
+    tables = {k: v.to(device=x.device, dtype=torch.float32) for k, v in tabs.items()}
+    if key is not None:
+        _PLANS[key] = (spec, tables, t_net, t, noisy)
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return tables, t_net, t, noisy
+
+
 class Run:
     """What a sampler body sees: `n` steps, per-step network times `t` (N + 1 tensors of shape (B,)),
     noise flags `noisy`, the planned backend `B`, the networks `score(x, t)` / `proj(x, t)` (checked
@@ -195,16 +228,12 @@ class Run:
         self.spec, self.x0, self.ts, self.options, self.sde = spec, x, ts, options, sde
         self.denoise_last, self.score_fn, self.check = denoise_last, score_fn, check
         self.n = n = ts.numel() - 1
-        tabs = dict(spec.tables(sde, ts, **{k: v for k, v in options.items() if k != "proj_fn"}))
-        self.t_net = tabs.pop("t", ts)
-        self.t = self.t_net.to(device=x.device, dtype=torch.float32)[:, None].expand(-1, x.shape[0]).unbind(0)
-        # A zero noise column draws no noise (the PF-ODE); with denoise_last the last step draws none.
-        noise = next((tabs[k][:, -1] for k in ("em", "project") if k in tabs), None)
-        self.noisy = (noise != 0).tolist() if noise is not None else [False] * n
+        tables, self.t_net, self.t, noisy = _plan(spec, ts, options, sde, x)
+        self.noisy = list(noisy)
         if denoise_last:
             self.noisy[-1] = False
         self.B = backend
-        backend.plan(x, {k: v.to(device=x.device, dtype=torch.float32) for k, v in tabs.items()})
+        backend.plan(x, tables)
         self.flag = getattr(backend, "finite_flag", None)
         self._rng = None
         if not check:

@@ -9,6 +9,7 @@ The coefficient tables for all steps are computed up front in float64 (`*_coeffi
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -76,19 +77,27 @@ def _predict(x, s, c_x, c_s):
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _em(x, s, z, c_x, c_s, c_z):
+def _noise_(out, z, c_z, z_scratch):
+    """out += c_z z; z is scaled in place when the caller owns it (one allocation less, same bits)."""
+    if z_scratch and z.dtype == torch.float32:
+        out += z.mul_(c_z)
+    else:
+        out += c_z * z.float()
+
+
+def _em(x, s, z, c_x, c_s, c_z, z_scratch=False):
     out = c_x * x.float()
     out += c_s * s.float()
     if z is not None:
-        out += c_z * z.float()
+        _noise_(out, z, c_z, z_scratch)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _project(x_pred, T, z, c_T, c_z):
+def _project(x_pred, T, z, c_T, c_z, z_scratch=False):
     out = c_T * T.float()
     out += x_pred.float()  # = x_pred + c_T T exactly
     if z is not None:
-        out += c_z * z.float()
+        _noise_(out, z, c_z, z_scratch)
     return out if out.dtype == x_pred.dtype else out.to(x_pred.dtype)
 
 
@@ -109,6 +118,30 @@ def _heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp):
 
 
 # --- the step backend in plain torch ------------------------------------------------------------
+
+_ROWS: "OrderedDict[int, tuple]" = OrderedDict()  # id(table) -> (table, rows): the table is held, so its id stays its own
+
+
+def _rows(tab: torch.Tensor) -> list:
+    """Row i of a coefficient table as a tuple of 0-d fp32 tensors, made with one unbind.
+
+    A 0-d tensor multiplies in half the host time of a python float (which torch wraps into a new
+    tensor on every call) and rounds the coefficient to fp32 exactly as the kernels do. Making the
+    N K views costs about a microsecond each, so they are kept for the last few tables (the
+    sampler reuses its tables across calls with the same arguments).
+    """
+    hit = _ROWS.get(id(tab))
+    if hit is not None and hit[0] is tab:
+        _ROWS.move_to_end(id(tab))
+        return hit[1]
+    n, k = tab.shape
+    flat = tab.reshape(-1).unbind()
+    rows = [flat[i * k:(i + 1) * k] for i in range(n)]
+    _ROWS[id(tab)] = (tab, rows)
+    while len(_ROWS) > 32:
+        _ROWS.popitem(last=False)
+    return rows
+
 
 class TorchSteps:
     """The sampling loop's step backend in plain torch: the updates above, noise from torch.randn.
@@ -131,17 +164,11 @@ class TorchSteps:
         self.generator = generator
         self._rows = None
         self._device = None
+        self._zbuf = None
 
     def plan(self, x: torch.Tensor, tables: dict) -> "TorchSteps":
-        # Row i of each table as 0-d fp32 tensors, made once here with one unbind per table: a
-        # 0-d tensor multiplies in half the host time of a python float (which torch wraps into a
-        # new tensor on every call) and rounds the coefficient to fp32 exactly as the kernels do.
         self._device = x.device
-        self._rows = {}
-        for name, tab in tables.items():
-            n, k = tab.shape
-            flat = tab.to(device=x.device, dtype=torch.float32).reshape(-1).unbind()
-            self._rows[name] = [flat[i * k:(i + 1) * k] for i in range(n)]
+        self._rows = {name: _rows(tab.to(device=x.device, dtype=torch.float32)) for name, tab in tables.items()}
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +191,11 @@ class TorchSteps:
             torch.set_rng_state(state)
 
     def _z(self, x):
-        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        # One noise buffer per run, refilled each step: the same draws as a fresh torch.randn.
+        buf = self._zbuf
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device:
+            buf = self._zbuf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype, out=buf)
 
     def predict(self, x, s, table: str, i: int):
         c_x, c_s = self._rows[table][i]
@@ -172,11 +203,11 @@ class TorchSteps:
 
     def em(self, x, s, table: str, i: int, noisy: bool):
         c_x, c_s, c_z = self._rows[table][i]
-        return _em(x, s, self._z(x) if noisy else None, c_x, c_s, c_z)
+        return _em(x, s, self._z(x) if noisy else None, c_x, c_s, c_z, True)
 
     def project(self, x_pred, T, table: str, i: int, noisy: bool):
         c_T, c_z = self._rows[table][i]
-        return _project(x_pred, T, self._z(x_pred) if noisy else None, c_T, c_z)
+        return _project(x_pred, T, self._z(x_pred) if noisy else None, c_T, c_z, True)
 
     def heun(self, x, s, x_p, s_p, table: str, i: int):
         return _heun(x, s, x_p, s_p, *self._rows[table][i])
