@@ -158,6 +158,19 @@ def test_guard_names_a_state_that_overflows_with_finite_networks():
                dtype=torch.float16)
 
 
+def test_guard_accepts_a_finite_state_whose_sum_overflows(registry):
+    # The final check sums x first (a finite sum proves every entry finite); an fp16 sum of large
+    # finite entries overflows, and must fall through to the exact check, not to an error.
+    @register_sampler("to_big", nfe_per_step=1, tables=lambda sde, ts: {"em": torch.zeros(len(ts) - 1, 3)})
+    def to_big(r, x):
+        for i in r.steps():
+            x = r.B.em(x, r.score(x, r.t[i]), "em", i, r.noisy[i]) + 6e4
+        return x
+
+    x = sample(neg, (64, 2), 2, sampler="to_big", dtype=torch.float16, seed=0)
+    assert torch.isfinite(x).all() and not torch.isfinite(x.sum())
+
+
 def test_guard_says_when_the_rerun_does_not_reproduce():
     calls = [0]
 
