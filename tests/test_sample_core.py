@@ -130,7 +130,7 @@ def test_torch_path_is_the_hand_loop_bit_for_bit(kind, kw, dtype):
 
     if kind == "pp":
         kw = dict(kw, proj_fn=proj)
-    for shape, N in (((64, 2), 30), ((2, 3, 5, 5), 7)):
+    for shape, N in (((64, 2), 30), ((2, 3, 5, 5), 7), ((4, 3, 64, 64), 4)):  # the last uses the scratch buffers
         got = sample(neg, shape, N, seed=4, dtype=dtype, backend="torch", **kw)
         assert torch.equal(got, hand_loop(kind, shape, N, 4, dtype, kw.get("delta_p"), proj)), (shape, N)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -186,6 +187,7 @@ class _NonFinite(Exception):
 
 _PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PLANS_KEPT = 16
+_PLANS_LOCK = threading.Lock()
 
 
 def _plan(spec: SamplerSpec, ts, options, sde, x):
@@ -197,12 +199,13 @@ def _plan(spec: SamplerSpec, ts, options, sde, x):
     opts = {k: v for k, v in options.items() if k != "proj_fn"}
     try:
         key = (spec.name, tuple(sorted(opts.items())), sde, ts.numpy().tobytes(), x.shape[0], x.device)
-        hit = _PLANS.get(key)
+        with _PLANS_LOCK:
+            hit = _PLANS.get(key)
+            if hit is not None and hit[0] is spec:
+                _PLANS.move_to_end(key)
+                return hit[1:]
     except TypeError:  # an unhashable SDE: no reuse
-        key, hit = None, None
-    if hit is not None and hit[0] is spec:
-        _PLANS.move_to_end(key)
-        return hit[1:]
+        key = None
     tabs = dict(spec.tables(sde, ts, **opts))
     t_net = tabs.pop("t", ts)
     t = t_net.to(device=x.device, dtype=torch.float32)[:, None].expand(-1, x.shape[0]).unbind(0)
@@ -210,9 +213,10 @@ def _plan(spec: SamplerSpec, ts, options, sde, x):
     noisy = tuple((noise != 0).tolist()) if noise is not None else (False,) * (ts.numel() - 1)
     tables = {k: v.to(device=x.device, dtype=torch.float32) for k, v in tabs.items()}
     if key is not None:
-        _PLANS[key] = (spec, tables, t_net, t, noisy)
-        while len(_PLANS) > _PLANS_KEPT:
-            _PLANS.popitem(last=False)
+        with _PLANS_LOCK:
+            _PLANS[key] = (spec, tables, t_net, t, noisy)
+            while len(_PLANS) > _PLANS_KEPT:
+                _PLANS.popitem(last=False)
     return tables, t_net, t, noisy
 
 

@@ -9,6 +9,7 @@ The coefficient tables for all steps are computed up front in float64 (`*_coeffi
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -69,35 +70,37 @@ def heun_correct(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp) -> torch.Tensor:
 
 # The formulas themselves, on coefficients already in broadcastable form (python floats, 0-d or
 # (B, 1, ...) fp32 tensors). Each result is one fresh fp32 tensor that the later terms are added to
-# in place: the same roundings as `a + b` (IEEE addition commutes exactly), fewer allocations.
+# in place: the same roundings as `a + b` (IEEE addition commutes exactly). With `tmp` (an fp32
+# scratch tensor of x's shape, TorchSteps') the products go there and a noise z the caller owns is
+# scaled in place: one allocation per update, the same bits.
 
-def _predict(x, s, c_x, c_s):
+def _scaled(t, c, tmp):
+    return c * t.float() if tmp is None else torch.mul(t.float(), c, out=tmp)
+
+
+def _noise(z, c_z, tmp):
+    return z.mul_(c_z) if tmp is not None and z.dtype == torch.float32 else c_z * z.float()
+
+
+def _predict(x, s, c_x, c_s, tmp=None):
     out = c_x * x.float()
-    out += c_s * s.float()
+    out += _scaled(s, c_s, tmp)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _noise_(out, z, c_z, z_scratch):
-    """out += c_z z; z is scaled in place when the caller owns it (one allocation less, same bits)."""
-    if z_scratch and z.dtype == torch.float32:
-        out += z.mul_(c_z)
-    else:
-        out += c_z * z.float()
-
-
-def _em(x, s, z, c_x, c_s, c_z, z_scratch=False):
+def _em(x, s, z, c_x, c_s, c_z, tmp=None):
     out = c_x * x.float()
-    out += c_s * s.float()
+    out += _scaled(s, c_s, tmp)
     if z is not None:
-        _noise_(out, z, c_z, z_scratch)
+        out += _noise(z, c_z, tmp)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _project(x_pred, T, z, c_T, c_z, z_scratch=False):
+def _project(x_pred, T, z, c_T, c_z, tmp=None):
     out = c_T * T.float()
     out += x_pred.float()  # = x_pred + c_T T exactly
     if z is not None:
-        _noise_(out, z, c_z, z_scratch)
+        out += _noise(z, c_z, tmp)
     return out if out.dtype == x_pred.dtype else out.to(x_pred.dtype)
 
 
@@ -119,6 +122,7 @@ def _heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp):
 
 # --- the step backend in plain torch ------------------------------------------------------------
 
+_ROWS_LOCK = threading.Lock()
 _ROWS: "OrderedDict[int, tuple]" = OrderedDict()  # id(table) -> (table, rows): the table is held, so its id stays its own
 
 
@@ -130,16 +134,18 @@ def _rows(tab: torch.Tensor) -> list:
     N K views costs about a microsecond each, so they are kept for the last few tables (the
     sampler reuses its tables across calls with the same arguments).
     """
-    hit = _ROWS.get(id(tab))
-    if hit is not None and hit[0] is tab:
-        _ROWS.move_to_end(id(tab))
-        return hit[1]
+    with _ROWS_LOCK:
+        hit = _ROWS.get(id(tab))
+        if hit is not None and hit[0] is tab:
+            _ROWS.move_to_end(id(tab))
+            return hit[1]
     n, k = tab.shape
     flat = tab.reshape(-1).unbind()
     rows = [flat[i * k:(i + 1) * k] for i in range(n)]
-    _ROWS[id(tab)] = (tab, rows)
-    while len(_ROWS) > 32:
-        _ROWS.popitem(last=False)
+    with _ROWS_LOCK:
+        _ROWS[id(tab)] = (tab, rows)
+        while len(_ROWS) > 32:
+            _ROWS.popitem(last=False)
     return rows
 
 
@@ -164,11 +170,15 @@ class TorchSteps:
         self.generator = generator
         self._rows = None
         self._device = None
-        self._zbuf = None
+        self._zbuf = self._tmp = None
 
     def plan(self, x: torch.Tensor, tables: dict) -> "TorchSteps":
         self._device = x.device
         self._rows = {name: _rows(tab.to(device=x.device, dtype=torch.float32)) for name, tab in tables.items()}
+        # A noise buffer refilled each step (the same draws as a fresh torch.randn) and, from a size
+        # where a fresh tensor costs page faults, scratch for the products: one allocation per update.
+        self._zbuf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        self._tmp = torch.empty(x.shape, dtype=torch.float32, device=x.device) if x.numel() >= 1 << 14 else None
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
@@ -191,23 +201,19 @@ class TorchSteps:
             torch.set_rng_state(state)
 
     def _z(self, x):
-        # One noise buffer per run, refilled each step: the same draws as a fresh torch.randn.
-        buf = self._zbuf
-        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device:
-            buf = self._zbuf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype, out=buf)
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype, out=self._zbuf)
 
     def predict(self, x, s, table: str, i: int):
         c_x, c_s = self._rows[table][i]
-        return _predict(x, s, c_x, c_s)
+        return _predict(x, s, c_x, c_s, self._tmp)
 
     def em(self, x, s, table: str, i: int, noisy: bool):
         c_x, c_s, c_z = self._rows[table][i]
-        return _em(x, s, self._z(x) if noisy else None, c_x, c_s, c_z, True)
+        return _em(x, s, self._z(x) if noisy else None, c_x, c_s, c_z, self._tmp)
 
     def project(self, x_pred, T, table: str, i: int, noisy: bool):
         c_T, c_z = self._rows[table][i]
-        return _project(x_pred, T, self._z(x_pred) if noisy else None, c_T, c_z, True)
+        return _project(x_pred, T, self._z(x_pred) if noisy else None, c_T, c_z, self._tmp)
 
     def heun(self, x, s, x_p, s_p, table: str, i: int):
         return _heun(x, s, x_p, s_p, *self._rows[table][i])
