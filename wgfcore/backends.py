@@ -113,7 +113,7 @@ def _build_triton(device: torch.device, key):
 
     if device.type != "cuda" and not _warned_interpreter:
         warnings.warn("backend='triton' on CPU runs the Triton interpreter: a correctness mode, not a fast path",
-                      stacklevel=4)
+                      stacklevel=3)
         _warned_interpreter = True
     return TritonSteps(seed=key, device=device)
 

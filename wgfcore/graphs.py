@@ -37,6 +37,7 @@ import functools
 import itertools
 import threading
 import types
+import warnings
 import weakref
 from collections import Counter, OrderedDict
 
@@ -51,6 +52,7 @@ _SEEN_SIZE = 256  # keys seen once and not captured (yet), most recent kept
 _LOCK = threading.RLock()
 _GRAPHS: "OrderedDict[tuple, _Captured]" = OrderedDict()
 _SEEN: "OrderedDict[tuple, list]" = OrderedDict()  # key -> weak references to its anchors
+_FAILED: "OrderedDict[tuple, None]" = OrderedDict()  # keys whose capture failed: eager from then on
 _STATS: Counter = Counter()
 _MAX_DEPTH = 4
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
@@ -58,10 +60,11 @@ _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torc
 
 def graph_stats() -> dict:
     """Counts since the last `release_graphs()`: replays (hits), captures, eager runs of a key seen
-    for the first time (eager_first) or while the cache was full (eager_full), captures released
-    because their networks changed (released_stale), and the captures now held (cached)."""
+    for the first time (eager_first), while the cache was full (eager_full) or whose capture failed
+    (eager_uncapturable, warned once), captures released because their networks changed
+    (released_stale), and the captures now held (cached)."""
     with _LOCK:
-        keys = ("replays", "captures", "eager_first", "eager_full", "released_stale")
+        keys = ("replays", "captures", "eager_first", "eager_full", "eager_uncapturable", "released_stale")
         return {**{k: _STATS[k] for k in keys}, "cached": len(_GRAPHS)}
 
 
@@ -71,6 +74,7 @@ def release_graphs() -> int:
         n = len(_GRAPHS)
         _GRAPHS.clear()
         _SEEN.clear()
+        _FAILED.clear()
         _STATS.clear()
     if n and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -299,13 +303,24 @@ def sample_graph(spec, score_fn, shape, dtype, device, backend, ts, options, sde
                     while len(_SEEN) > _SEEN_SIZE:
                         _SEEN.popitem(last=False)
                     action = "eager_first"
-                elif len(_GRAPHS) >= max(1, GRAPH_CACHE_SIZE):
-                    action = "eager_full"
+                elif len(_GRAPHS) >= max(1, GRAPH_CACHE_SIZE) or key in _FAILED:
+                    action = "eager_full" if key not in _FAILED else "eager_uncapturable"
                 else:
-                    del _SEEN[key]
-                    entry = _GRAPHS[key] = _build(spec, shape, dtype, device, backend, ts, options, sde, denoise_last,
-                                                  nets, key[-1], anchors)
-                    _STATS["captures"] += 1
+                    try:
+                        entry = _build(spec, shape, dtype, device, backend, ts, options, sde, denoise_last, nets,
+                                       key[-1], anchors)
+                    except Exception as e:  # noqa: BLE001 - a capture-only failure: eager from now on, said once
+                        _FAILED[key] = None
+                        while len(_FAILED) > _SEEN_SIZE:
+                            _FAILED.popitem(last=False)
+                        warnings.warn(f"cuda_graph=True: the {spec.name} loop could not be captured "
+                                      f"({type(e).__name__}: {e}); this signature runs eagerly", RuntimeWarning,
+                                      stacklevel=4)
+                        action = "eager_uncapturable"
+                    else:
+                        del _SEEN[key]
+                        _GRAPHS[key] = entry
+                        _STATS["captures"] += 1
             else:
                 _GRAPHS.move_to_end(key)
                 _STATS["replays"] += 1
