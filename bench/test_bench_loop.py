@@ -203,3 +203,59 @@ def test_loop_against_hand_diffusers_kdiffusion(benchmark, shape_name, kind):
         if name != "wgfcore":
             ex[f"ratio_vs_{name}_wall"] = _ratio_stats(times["wgfcore"], times[name], 0)
             ex[f"ratio_vs_{name}_cpu"] = _ratio_stats(times["wgfcore"], times[name], 1)
+
+
+# --- what the non-finite guard's options cost (docs/sampling.md) -----------------------------------
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_guard_options_cost(benchmark, shape_name):
+    """Per call, one thread, CPU time: a hand PF-ODE step for scale; the old guard (isfinite().all() and a
+    flag update on every network output); a per-step reduction into a preallocated buffer; and the
+    check `finish` makes once per run (a sum, then isfinite of it)."""
+    shape, _ = SHAPES[shape_name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        s, flag, buf = -x, torch.full((), 2**62, dtype=torch.int64), torch.zeros(16)
+        cases = {
+            "hand_pf_ode_step": lambda: 0.99 * x + 0.01 * s,
+            "old_guard_per_output": lambda: flag.masked_fill_((flag > 3) & ~torch.isfinite(s).all(), 3),
+            "per_step_reduction": lambda: buf[3].copy_(x.sum()),
+            "final_check_once_per_run": lambda: bool(torch.isfinite(x.sum())),
+            "isfinite_all": lambda: bool(torch.isfinite(x).all()),
+        }
+        n = max(3, int(2e5 / x.numel()))
+        times = {k: [] for k in cases}
+        for r in range(max(ROUNDS, 3)):
+            for k, f in cases.items():
+                f()
+                c0 = time.thread_time()
+                for _ in range(n):
+                    f()
+                times[k].append((time.thread_time() - c0) / n)
+        benchmark.pedantic(cases["final_check_once_per_run"], rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    ex = benchmark.extra_info
+    ex.update(shape=list(shape), threads=1, load_avg_1min=os.getloadavg()[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        ex[f"{k}_cpu_s"] = v
+    ex["per_step_reduction_over_pf_ode_step"] = med["per_step_reduction"] / med["hand_pf_ode_step"]
+    ex["time_per_call_s"] = med["final_check_once_per_run"]
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "heun_ode"])
+def test_fixed_cost_of_a_call(benchmark, sampler):
+    """sample(steps=1) at 64x2: what a call costs besides its steps (checks, plan, prior draw, guard)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        benchmark.pedantic(lambda: sample(score, (64, 2), 1, sampler=sampler, seed=0, backend="torch"),
+                           rounds=max(ROUNDS, 3) * 20, warmup_rounds=5)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info.update(sampler=sampler, shape=[64, 2], steps=1, threads=1, load_avg_1min=os.getloadavg()[0])
+    if benchmark.stats is not None:
+        benchmark.extra_info["time_per_call_s"] = benchmark.stats.stats.median
