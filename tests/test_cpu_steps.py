@@ -23,7 +23,7 @@ from scipy import stats
 from kernels import cpu_steps as cs
 from kernels.noise import normal, philox4x32
 from wgfcore import ops
-from wgfcore.sample import FLAG_CLEAR, TorchSteps, euler_maruyama, heun_ode, predict_project
+from wgfcore.sample import FLAG_CLEAR, TorchSteps, euler_maruyama, heun_ode, predict_project, sample
 from wgfcore.sde import VPSDE
 
 try:
@@ -424,6 +424,23 @@ def test_euler_maruyama_runs_and_flags_nan():
 
     with pytest.raises(FloatingPointError, match="NaN or inf at step 3"):
         euler_maruyama(bad, x0, ts, step_backend=cs.CppSteps(4))
+
+
+def test_sample_with_the_cpp_backend():
+    """sample(backend="cpp"): the seed's samples are the sampler functions' with CppSteps and the
+    key drawn after the prior; a NaN from a network and an fp16 state that overflows are both named."""
+    from wgfcore.backends import draw_key
+
+    x = sample(exact_score, (16, 300), 10, sampler="euler_maruyama", seed=5, backend="cpp")
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(16, 300, generator=g)
+    assert torch.equal(x, euler_maruyama(exact_score, x0, ops.time_grid(10), step_backend=cs.CppSteps(draw_key(g, "cpu"))))
+    with pytest.raises(FloatingPointError, match=r"a network produced NaN or inf at step 3"):
+        sample(lambda x, t: torch.where(t[:, None] < 0.5, torch.nan, -x), (4, 2), 5, sampler="euler_maruyama",
+               seed=0, backend="cpp")
+    with pytest.raises(FloatingPointError, match=r"state became NaN or inf at step \d+ .* overflowed torch.float16"):
+        sample(lambda x, t: 1e4 * torch.ones_like(x), (4, 2), 20, sampler="reverse_sde", a=0.0, seed=0,
+               dtype=torch.float16, backend="cpp")
 
 
 # --- threads --------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 // Fused sampler steps on the CPU: every update of wgfcore.ops in one pass, noise drawn in the pass.
 //
-// ALGORITHMS §2. The C++ twin of kernels/sampler_step.py (and its oracle wgfcore.ops): out =
-// ((c0 t0 + c1 t1) + c2 t2) + c3 t3, then + cz z, in fp32 in that order and rounded once to the
-// storage dtype; z is explicit or drawn from the Triton kernels' Philox stream (same key, counters,
-// element layout and transform as tl.randn4x in `_tile`). Built by kernels/cpu_steps.py with
-// -ffp-contract=off: no a*b+c is fused, so each sum rounds as torch's separate mul and add do.
+// ALGORITHMS §2. The C++ twin of kernels/sampler_step.py, rounding as its oracle wgfcore.ops does:
+// out = (c0 t0 + c1 t1) + cz z in fp32, each product and sum rounded (torch's separate mul and
+// add), and Heun's c0 t0 + c1 t1 + c2 t2 + c3 t3 as wgfcore.ops forms it, c0 t0 then three fused
+// multiply-adds; then one rounding to the storage dtype. Built by kernels/cpu_steps.py with
+// -ffp-contract=off, so the compiler fuses nothing that the oracle does not. z is explicit or drawn
+// from the Triton kernels' Philox stream (same key, counters, element layout and transform).
 // Only the headers it uses, not <torch/extension.h>: that halves the first-use build (~30 s of
 // compiler time less on one core).
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -309,12 +311,12 @@ int64_t run(S* out, const S* t0, const N* t1, const S* t2, const N* t3, const S*
 #pragma omp simd reduction(+ : bad)
   for (int64_t i = lo; i < hi; ++i) {
     float v1 = load(t1[i]);
-    float acc = c0 * load(t0[i]) + c1 * v1;
-    float v3 = 0.0f;
-    if (NT >= 4) {
-      acc = acc + c2 * load(t2[i]);
+    float acc, v3 = 0.0f;
+    if (NT >= 4) {  // wgfcore.ops' Heun corrector: c0 t0, then each further term by a fused multiply-add
       v3 = load(t3[i]);
-      acc = acc + c3 * v3;
+      acc = std::fma(c3, v3, std::fma(c2, load(t2[i]), std::fma(c1, v1, c0 * load(t0[i]))));
+    } else {
+      acc = c0 * load(t0[i]) + c1 * v1;
     }
     if (NOISE == NOISE_EXPLICIT) acc = acc + cz * load(z[i]);
     if (NOISE == NOISE_PHILOX) acc = acc + cz * nz[i - lo];
