@@ -546,23 +546,38 @@ def _python(code, env):
 
 
 def test_without_a_compiler(tmp_path):
-    """No compiler: one line that says so, and CppSteps fails with it; nothing is built."""
+    """No compiler: one line that says so; backend="auto" warns once and samples with torch's steps,
+    backend="cpp" fails with that line; nothing is built."""
     code = """
+        import warnings
         import torch
         from kernels import cpu_steps as cs
+        from wgfcore.sample import sample
         print(cs.status())
         assert not cs.available()
         try:
             cs.CppSteps(1).plan(torch.zeros(2, 3), {})
         except RuntimeError as e:
             print(e)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            a = sample(lambda x, t: -x, (4, 2), 5, sampler="euler_maruyama", seed=3)
+            b = sample(lambda x, t: -x, (4, 2), 5, sampler="euler_maruyama", seed=3)
+        print(len(w), w[0].message)
+        assert torch.equal(a, sample(lambda x, t: -x, (4, 2), 5, sampler="euler_maruyama", seed=3, backend="torch"))
+        try:
+            sample(lambda x, t: -x, (4, 2), 5, sampler="euler_maruyama", seed=3, backend="cpp")
+        except ImportError as e:
+            print(e)
     """
     r = _python(code, {"CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert r.returncode == 0, r.stderr
-    status, error = r.stdout.strip().splitlines()
+    status, error, warned, explicit = r.stdout.strip().splitlines()
     assert status == f"no C++ compiler: '{tmp_path / 'no-such-c++'}' was not found (install g++ or clang++, or set " \
                      "CXX to one)"
     assert error == f"CppSteps needs the C++ step kernels, which are not available: {status}"
+    assert warned == f"1 backend='auto' uses 'torch' on cpu: 'cpp' is not available ({status})"
+    assert explicit == f"backend='cpp' cannot run on cpu: {status}"
     assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))
 
 
