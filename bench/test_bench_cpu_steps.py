@@ -31,7 +31,7 @@ import torch
 from kernels import cpu_steps as cs
 from kernels.optable import OPS
 from wgfcore import ops
-from wgfcore.sample import euler_maruyama, heun_ode, predict_project, reverse_sde
+from wgfcore.sample import sample
 from wgfcore.sde import VPSDE
 
 ROUNDS = int(os.environ.get("WGF_BENCH_ROUNDS", "7"))
@@ -120,21 +120,25 @@ def score(x, t):
     return torch.neg(x)
 
 
-def cpp_run(sampler, shape, steps, seed=0):
-    """A whole run on the C++ backend: the prior draw, then the sampler's loop."""
+SAMPLE_ARGS = {"euler_maruyama": dict(sampler="euler_maruyama"), "pf_ode": dict(sampler="reverse_sde", a=0.0),
+               "heun_ode": dict(sampler="heun_ode"), "predict_project": dict(sampler="predict_project")}
+
+
+def sample_run(backend, sampler, shape, steps, seed=0):
+    """A whole user call, set-up included: sample(..., backend=backend)."""
+    kw = dict(SAMPLE_ARGS[sampler], **({"proj_fn": proj} if sampler == "predict_project" else {}))
+
     def run():
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        ts = ops.time_grid(steps)
-        backend = cs.CppSteps(seed)
-        if sampler == "euler_maruyama":
-            return euler_maruyama(score, x, ts, step_backend=backend)
-        if sampler == "pf_ode":
-            return reverse_sde(score, x, ts, a=0.0, step_backend=backend)
-        if sampler == "heun_ode":
-            return heun_ode(score, x, ts, step_backend=backend)
-        return predict_project(score, x, ts, proj_fn=proj, delta_p=ops.default_delta_p(steps), step_backend=backend)
+        return sample(score, shape, steps, seed=seed, backend=backend, **kw)
     return run
+
+
+def cpp_run(sampler, shape, steps, seed=0):
+    return sample_run("cpp", sampler, shape, steps, seed)
+
+
+def torch_run(sampler, shape, steps, seed=0):
+    return sample_run("torch", sampler, shape, steps, seed)
 
 
 def proj(x, t):
@@ -172,21 +176,6 @@ def hand_run(sampler, shape, steps, seed=0):
                 x_next = x_next + cz[i] * torch.randn(shape, generator=g)
             x = x_next
         return x
-    return run
-
-
-def torch_run(sampler, shape, steps, seed=0):
-    """The torch backend (wgfcore.ops.TorchSteps) through the same sampler functions."""
-    def run():
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        ts = ops.time_grid(steps)
-        b = ops.TorchSteps(g)
-        if sampler == "euler_maruyama":
-            return euler_maruyama(score, x, ts, step_backend=b)
-        if sampler == "pf_ode":
-            return reverse_sde(score, x, ts, a=0.0, step_backend=b)
-        return heun_ode(score, x, ts, step_backend=b)
     return run
 
 
@@ -281,3 +270,31 @@ def test_two_threads_vs_one(benchmark, sname):
     r = record_ratio(benchmark, times, "1", "2", "speedup_2_threads")
     benchmark.extra_info.update(update="em", shape=list(shape), target=1.6, **load_note())
     assert r["wall"][0] >= 1.6, f"2 threads vs 1 at {sname}: {fmt(r['wall'])} < 1.6x"
+
+
+# --- `train/run.py --quick --fused` against `--quick` on a CPU (issue 16 item 5): opt-in -------------
+
+@pytest.mark.skipif(not os.environ.get("WGF_BENCH_TRAIN"), reason="two whole --quick jobs per round: "
+                                                                  "WGF_BENCH_TRAIN=1 runs them")
+def test_quick_fused_vs_quick(benchmark, tmp_path):
+    """`python train/run.py --quick --fused` against `--quick` on a CPU, whole processes interleaved
+    (wall time, target <= 1.1x). On a CPU --fused is the C++ sampler steps with torch's attention and
+    GroupNorm, which auto also picks: the two should cost the same."""
+    import subprocess
+    import sys
+
+    runs = iter(range(1000))
+
+    def job(*flags):
+        def run():
+            out = tmp_path / f"r{next(runs)}"
+            subprocess.run([sys.executable, "train/run.py", "--quick", *flags, "--out", str(out), "--no-progress",
+                            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"], check=True,
+                           capture_output=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return run
+
+    times = benchmark.pedantic(interleave, args=({"quick": job(), "fused": job("--fused")}, max(2, ROUNDS // 3)),
+                               rounds=1, iterations=1)
+    r = record_ratio(benchmark, times, "fused", "quick", "fused_time_over_quick")
+    benchmark.extra_info.update(target=1.1, **load_note())
+    assert r["wall"][0] <= 1.1, f"--quick --fused takes {fmt(r['wall'])} the time of --quick"
