@@ -14,6 +14,7 @@ a second; with no compiler, `status()` says so in one line and `backend="auto"` 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -62,8 +63,10 @@ def _cpu_signature() -> str:
 
 
 def _flags() -> tuple[list[str], list[str]]:
-    """(compile flags, link flags). -ffp-contract=off: no fused a*b+c, so every sum rounds as
-    torch's separate mul and add do (the tests compare against wgfcore.ops bit for bit)."""
+    """(compile flags, link flags). -ffp-contract=off: the compiler fuses no a*b + c on its own, so
+    every product and sum rounds where wgfcore.ops' do (the tests compare the two bit for bit).
+    Linux (gcc/clang) is what is built and tested here; on macOS the OpenMP runtime is not assumed
+    (the steps then run on one thread); elsewhere a failed build leaves the torch steps."""
     cflags = ["-O3", "-ffp-contract=off", "-fno-math-errno", f"-DWGF_NOISE_R={NOISE_R}"]
     ldflags = []
     if sys.platform.startswith("linux"):
@@ -80,16 +83,22 @@ def _name() -> str:
     return "wgf_cpu_steps_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _cpp_extension():
-    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" log line: these
-    kernels are CPU-only and never look for CUDA."""
+@contextlib.contextmanager
+def _quiet_torch_build_log():
+    """torch.utils.cpp_extension's log at ERROR only: its "No CUDA runtime is found" line (these
+    kernels never use CUDA) and its compiler-check warnings would add lines to our one."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        from torch.utils import cpp_extension
+        yield
     finally:
         log.setLevel(level)
+
+
+def _cpp_extension():
+    with _quiet_torch_build_log():
+        from torch.utils import cpp_extension
     return cpp_extension
 
 
@@ -133,23 +142,20 @@ def _build():
             return
         cpp_extension = _cpp_extension()
         name = _name()
-        build_dir = os.path.join(cpp_extension._get_build_directory(name, verbose=False))
+        # The folder torch's load() would pick itself (TORCH_EXTENSIONS_DIR, else its user cache),
+        # asked for here to say where a first build goes and to put a failed build's log there.
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
         cflags, ldflags = _flags()
-        fresh = not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir))
-        if fresh:
+        if not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir)):
             print(f"kernels.cpu_steps: building the C++ step kernels (once per machine) in {build_dir}",
                   file=sys.stderr, flush=True)
-        log = logging.getLogger("torch.utils.cpp_extension")  # its warnings would add lines to the one
-        level = log.level
-        log.setLevel(logging.ERROR)
         try:
-            _ext = cpp_extension.load(name=name, sources=[_SRC], extra_cflags=cflags, extra_ldflags=ldflags,
-                                      build_directory=build_dir, with_cuda=False, verbose=False)
+            with _quiet_torch_build_log():
+                _ext = cpp_extension.load(name=name, sources=[_SRC], extra_cflags=cflags, extra_ldflags=ldflags,
+                                          build_directory=build_dir, with_cuda=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - any failure to build or load means "not available"
             _error = _summarize(e, build_dir)
             return
-        finally:
-            log.setLevel(level)
         if _ext.NOISE_R != NOISE_R:  # pragma: no cover - a stale build of another layout
             _ext, _error = None, f"the built extension has NOISE_R={_ext.NOISE_R}, expected {NOISE_R}"
 
