@@ -272,6 +272,60 @@ def test_two_threads_vs_one(benchmark, sname):
     assert r["wall"][0] >= 1.6, f"2 threads vs 1 at {sname}: {fmt(r['wall'])} < 1.6x"
 
 
+# --- the main job's evaluation (issue 16 item 6): opt-in, it needs a trained run ---------------------
+
+MAIN_RUN = os.environ.get("WGF_MAIN_RUN")
+
+
+@pytest.mark.skipif(not MAIN_RUN, reason="needs a trained main-job run: WGF_MAIN_RUN=<run folder of "
+                                         "`python train/run.py`>; ~10 min per backend on 2 cores")
+def test_main_job_evaluation(benchmark, tmp_path):
+    """The main job's Table 1 evaluation of one trained run (its EMA networks, its config), once with the
+    step backend "auto" picks on a CPU (cpp) and once with torch's, in the order cpp, torch, torch, cpp
+    (so that drift cancels), each into its own folder. Records the evaluation time of each backend and
+    every cell's digits-FD with its bootstrap SE.
+
+    The draws differ only in the in-loop noise: both backends take the prior draws from the same
+    seeded generator, then cpp draws z from Philox keyed by a key that generator gives, torch from the
+    generator itself. So EM, EM 2N and Predict-Project cells are other draws of the same law; Heun draws
+    no noise, its samples differ by fp32 rounding only (the torch corrector fuses its multiply-adds).
+    Checked: every cell within 4 combined bootstrap SEs."""
+    from train.engine.checkpoint import load_run
+    from train.engine.distributed import Dist
+    from train.evaluation.evaluate import evaluate
+    from train.evaluation.references import features_and_reference
+
+    cfg, eps_net, proj_net, step = load_run(MAIN_RUN)
+    d = Dist()
+    feats, ref, extra, _ = features_and_reference(cfg, d, tmp_path / "cache", False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.cpu_threads or old))
+    seconds, tables = {"cpp": [], "torch": []}, {}
+
+    def run_all():
+        for i, backend in enumerate(("cpp", "torch", "torch", "cpp")):
+            t0 = time.perf_counter()
+            rows = evaluate(cfg, eps_net, proj_net, feats, ref, tmp_path / f"{backend}{i}", d, backend=backend,
+                            progress=False, extra_rows=extra, verdicts=False)
+            seconds[backend].append(time.perf_counter() - t0)
+            tables[backend] = {(r["row"], r["N"]): (r["value"], r["se"]) for r in rows if r["sampler"] != "difference"}
+
+    try:
+        benchmark.pedantic(run_all, rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(old)
+    ex = benchmark.extra_info
+    ex.update(run=str(MAIN_RUN), checkpoint_step=step, threads=int(cfg.cpu_threads or old), **load_note())
+    ex["eval_seconds"] = {k: [round(s, 1) for s in v] for k, v in seconds.items()}
+    ex["eval_speedup_cpp_vs_torch"] = round(sum(seconds["torch"]) / sum(seconds["cpp"]), 3)
+    ex["cells"] = {f"{row}@{N}": {"cpp": tables["cpp"][(row, N)], "torch": tables["torch"][(row, N)]}
+                   for row, N in tables["cpp"]}
+    for (row, N), (v_c, se_c) in tables["cpp"].items():
+        v_t, se_t = tables["torch"][(row, N)]
+        if se_c is not None and se_t is not None:
+            assert abs(v_c - v_t) <= 4 * math.hypot(se_c, se_t), (row, N, v_c, se_c, v_t, se_t)
+
+
 # --- `train/run.py --quick --fused` against `--quick` on a CPU (issue 16 item 5): opt-in -------------
 
 @pytest.mark.skipif(not os.environ.get("WGF_BENCH_TRAIN"), reason="two whole --quick jobs per round: "
