@@ -71,12 +71,12 @@ def median_interval(values, coverage: float = 0.9):
 
 def record_ratio(benchmark, times, base: str, cand: str, key: str) -> dict:
     """Paired ratios base/cand per round (the speed-up of cand over base), in wall and CPU time:
-    {"wall": (median, lo, hi), "cpu": (...)}, also stored in extra_info."""
+    {"wall": (median, lo, hi), "cpu": (...)}, stored in extra_info as {key}_{clock} = {median, lo90,
+    hi90} (bench/summarize.py prints them)."""
     ex, out = benchmark.extra_info, {}
     for j, clock in enumerate(("wall", "cpu")):
         med, lo, hi = median_interval([b[j] / c[j] for b, c in zip(times[base], times[cand])])
-        ex[f"{key}_{clock}"] = round(med, 3)
-        ex[f"{key}_{clock}_interval90"] = [round(lo, 3), round(hi, 3)]
+        ex[f"{key}_{clock}"] = {"median": round(med, 3), "lo90": round(lo, 3), "hi90": round(hi, 3)}
         out[clock] = (med, lo, hi)
     for name, ts in times.items():
         ex[f"{name}_median_wall_s"] = sorted(w for w, _ in ts)[len(ts) // 2]
