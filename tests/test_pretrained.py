@@ -11,6 +11,7 @@ import torch
 from wgfcore import pretrained as P
 from wgfcore.adapters import from_diffusers
 from wgfcore.nets import UNet
+from wgfcore.sample import eps_to_score
 from wgfcore.scores import gaussian
 from wgfcore.sde import VPSDE
 
@@ -73,6 +74,8 @@ def test_diffusers_folder_is_the_adapters_score_and_stays_unwritten(dfolder):
     t = torch.tensor([0.002, 0.1, 0.6, 0.99])
     with torch.no_grad():
         assert torch.equal(src.score_fn(x, t), ref(x, t))
+        # as a module it is an epsilon model at our VP time, like the trainer's score nets (to rounding)
+        assert torch.allclose(eps_to_score(src)(x, t), ref(x, t), rtol=1e-5, atol=1e-6)
     # the hash is of the weights (and schedule), not of the file: a second load, another device copy, agree
     assert P.load_score(dfolder).sha256 == src.sha256 == P.state_sha256(
         ref_unet.state_dict(), {"prediction_type": "epsilon", "alphas_cumprod":
@@ -205,6 +208,7 @@ def test_wgfcore_run_gives_its_ema_score(tmp_path):
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.1, 0.8])
     with torch.no_grad():
         assert torch.equal(src.score_fn(x, t), -eps(x, t) / SDE.sigma(t).float().view(-1, 1, 1, 1))
+        assert torch.equal(src(x, t), eps(x, t))
     assert src.sha256 == P.state_sha256(eps.state_dict())
     assert files_digest(run) == before
     with pytest.raises(P.ScoreSourceError, match="3-channel 16x16"):

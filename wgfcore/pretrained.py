@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -93,28 +93,39 @@ def source_kind(path) -> str:
 
 # --- the score source --------------------------------------------------------------------------------------
 
-@dataclass
-class ScoreSource:
-    """A frozen score network: `score_fn(x, t)` at our VP time t, the data shape it takes, and its record.
+class ScoreSource(nn.Module):
+    """A frozen score network, seen the way our trainer sees a score net: `forward(x, t)` is the epsilon
+    prediction at our VP time t (so s = -eps / sigma_t, ALGORITHMS §1), and `score_fn(x, t)` the score itself.
 
-    `record()` is what a run stores (kind, path, sha256 and what defines s(x, t)); `sha256` covers the
-    weights and, for diffusers, the noise table and prediction type."""
+    `channels` and `resolution` are the images it takes (resolution None: any); `record()` is what a run
+    stores (kind, path, sha256 and what defines s(x, t)); `sha256` covers the weights and, for diffusers,
+    the noise table and prediction type. The parameters never require gradients."""
 
-    kind: str
-    path: str
-    net: nn.Module
-    channels: int
-    resolution: int | None
-    sha256: str
-    info: dict = field(default_factory=dict)
-    score_fn: Callable = None
+    def __init__(self, kind: str, path: str, net: nn.Module, channels: int, resolution: int | None, sha256: str,
+                 info: dict, score_fn: Callable, eps_fn: Callable):
+        super().__init__()
+        self.kind, self.path, self.net, self.channels, self.resolution = kind, path, _frozen(net), channels, resolution
+        self.sha256, self.info = sha256, info
+        self.__dict__.update(score_fn=score_fn, _eps_fn=eps_fn)  # plain attributes: `net` is the one submodule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._eps_fn(x, t)
+
+    def train(self, mode: bool = True) -> "ScoreSource":
+        return super().train(False)  # frozen: dropout and the like stay off whatever the caller asks
+
+    def set_kernels(self, mode: str, **kw) -> "ScoreSource":
+        """The wgfcore U-Net's kernel switch (--fused) where the score is one; a diffusers model keeps its own
+        kernels (said once, as a warning), while T and the sampler steps still take the fused path."""
+        if hasattr(self.net, "set_kernels"):
+            self.net.set_kernels(mode, **kw)
+        elif mode != "torch":
+            warnings.warn(f"the {self.kind} score model keeps its own kernels; '{mode}' applies to T and the "
+                          "sampler steps", stacklevel=2)
+        return self
 
     def record(self) -> dict:
         return {"kind": self.kind, "path": self.path, "sha256": self.sha256, **self.info}
-
-    def to(self, device) -> "ScoreSource":
-        self.net.to(device)
-        return self
 
     def check_shape(self, channels: int, resolution: int, what: str = "the dataset") -> None:
         """A ScoreSourceError unless the score takes `channels` x `resolution` x `resolution` images."""
@@ -190,7 +201,11 @@ def _resolution(cfg: dict, model_dir: Path) -> int | None:
 def _ddpm_table(sched_cfg: dict, where: Path) -> tuple[torch.Tensor, str]:
     """(alphas_cumprod as float64, prediction type) of a diffusers scheduler config, built by diffusers
     itself (its float32 table is the one the model was trained with), refused unless it is a DDPM table."""
-    import diffusers
+    try:
+        import diffusers
+    except ImportError:
+        raise ScoreSourceError(f"{where.parent} is a diffusers folder, and reading it needs diffusers: "
+                               "pip install 'wgfcore[pretrained]'") from None
 
     name = sched_cfg.get("_class_name")
     pred = sched_cfg.get("prediction_type", "epsilon")
@@ -260,11 +275,15 @@ def _load_diffusers(path: Path, sde: VPSDE) -> ScoreSource:
                                               "alphas_cumprod": hashlib.sha256(table.numpy().tobytes()).hexdigest()})
     model = unet if pred == "epsilon" else _frozen(_AsEpsilon(unet, table, pred))
     score_fn = from_diffusers(model, alphas_cumprod=table, sde=sde)
+
+    def eps_fn(x, t):  # the model's epsilon at our time t: -s sigma_t (= its output inside the table's range)
+        return -score_fn(x, t) * _bcast(sde.sigma(t), x)
+
     info = {"model": str(model_dir.resolve()), "scheduler": str(sched_path.resolve()), "prediction_type": pred,
             "num_train_timesteps": int(table.numel()), "t_range": list(score_fn.t_range),
             "parameters": sum(p.numel() for p in unet.parameters())}
     return ScoreSource("diffusers", str(path.resolve()), model, int(cfg["in_channels"]), _resolution(cfg, model_dir),
-                       digest, info, score_fn)
+                       digest, info, score_fn, eps_fn)
 
 
 # --- wgfcore run folders ---------------------------------------------------------------------------------------
@@ -331,12 +350,11 @@ def _load_wgfcore(path: Path, sde: VPSDE) -> ScoreSource:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ScoreSourceError(f"cannot rebuild the score network of {p}: {type(e).__name__}: "
                                f"{' '.join(str(e).split())[:200]}") from None
-    net = _frozen(net)
     info = {"checkpoint": str(p.resolve()), "step": int(state["step"]), "dataset": cfg.get("dataset"),
             "preset": cfg.get("preset"), "net": cfg.get("net") or {}, "seed": cfg.get("seed"),
             "parameters": sum(q.numel() for q in net.parameters())}
     return ScoreSource("wgfcore", str(path.resolve()), net, int(cfg["channels"]), int(cfg["resolution"]),
-                       state_sha256(state["ema_eps"]), info, eps_to_score(net, sde))
+                       state_sha256(state["ema_eps"]), info, eps_to_score(net, sde), net)
 
 
 # --- the projection network T: export and loading -------------------------------------------------------------

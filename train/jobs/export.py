@@ -1,7 +1,8 @@
 """`train/run.py export`: copy a finished run's table and figures into docs/ (what the README quotes).
 
 Image runs give <to>/<name>_results.md and <to>/figures/<name>_{samples,losses,...}.png; gmm runs
-give <to>/<name>_results.md and <to>/figures/<name>_{samples,w2_vs_nfe}.png.
+give <to>/<name>_results.md and <to>/figures/<name>_{samples,w2_vs_nfe}.png. A projection-only run
+(--score-from) also gives <to>/<name>_projection/: T in the standard format (safetensors + config.json).
 """
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import json
 import shutil
 from pathlib import Path
 
+from wgfcore.pretrained import CONFIG, WEIGHTS_SAFETENSORS, WEIGHTS_TORCH
+
 from ..engine.config import Config, read_json
 from ..engine.errors import UsageError
+from .projection import EXPORT_DIR
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -74,9 +78,30 @@ def export_job(args) -> int:
     if "digits_classifier_test_accuracy" in timing:
         head += (f" digits-FD features: a small CNN trained on 80% of the digits "
                  f"(held-out accuracy {timing['digits_classifier_test_accuracy']:.3f}).")
+    if cfg.projection_only:
+        src = cfg.score_from
+        head += (f" Only T was trained (--score-from), on the frozen {src['kind']} score at `{src['path']}` "
+                 f"(sha256 {src['sha256'][:12]}...); the preset above is T's.")
+        _copy_projection(run, to / f"{name}_projection")
     _write(to / f"{name}_results.md", head + "\n\n" + (run / "results.md").read_text())
-    print(f"wrote {to / f'{name}_results.md'} and {to / 'figures'}/{name}_*.png")
+    print(f"wrote {to / f'{name}_results.md'} and {to / 'figures'}/{name}_*.png"
+          + (f"; T in {to / f'{name}_projection'}" if cfg.projection_only else ""))
     return 0
+
+
+def _copy_projection(run: Path, dst: Path) -> None:
+    """T of a projection-only run in the standard format (config.json + model.safetensors, or model.pt of
+    tensors only): `wgfcore.pretrained.load_projection(dst)` reads it without this trainer."""
+    src = run / EXPORT_DIR
+    files = [src / CONFIG, *(src / w for w in (WEIGHTS_SAFETENSORS, WEIGHTS_TORCH) if (src / w).is_file())]
+    if not all(f.is_file() for f in files) or len(files) < 2:
+        raise UsageError(f"--run {run} has no exported T in {src} (a projection-only run that did not finish?)")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"export: cannot create {dst}: {e.strerror}") from None
+    for f in files:
+        _copy(f, dst / f.name)
 
 
 __all__ = ["export_job"]

@@ -26,6 +26,7 @@ from ..evaluation.references import features_and_reference
 from ..evaluation.table import cells
 from .common import asked, overrides, resolve_resume, set_threads
 from .image_training import train
+from .projection import projection_setup, train_projection
 
 
 def _prepare(args, d, runs_dir: Path):
@@ -36,13 +37,14 @@ def _prepare(args, d, runs_dir: Path):
     if resume is not None:
         state = ckpt.load_training_state(resume)
         cfg, changed = C.resume(state["config"], asked(args), int(state["step"]), f"--resume {resume}")
-        for k, (old, new) in changed.items():
-            print(f"note: resuming {resume} at step {state['step']} with {k} {old} -> {new}", file=sys.stderr)
     else:
         cfg = C.build(dataset, args.quick, args.config, overrides(args), args.seed)
         if run_dir is None:
             name = f"{cfg.dataset}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = Path(args.out) if args.out else runs_dir / name
+    cfg, score = projection_setup(args, cfg, resume)  # T's --proj-width; --score-from's frozen score
+    for k, (old, new) in changed.items():
+        print(f"note: resuming {resume} at step {state['step']} with {k} {old} -> {new}", file=sys.stderr)
     check_compile(cfg.compile)
     if not args.no_eval and not cells(cfg.eval):
         raise UsageError("nothing to evaluate: every cell is skipped by the config; name cells with --eval-steps/"
@@ -68,7 +70,7 @@ def _prepare(args, d, runs_dir: Path):
         info["dataset"] = DIGITS_INFO
     write_json(info, run_dir / ("run_info.json" if resume is None else f"run_info_resume_{int(time.time())}.json"))
     print(f"run folder: {run_dir}", file=sys.stderr)
-    return cfg, run_dir, resume, lock, data
+    return cfg, run_dir, resume, lock, (data, score)
 
 
 def train_job(args, d) -> int:
@@ -87,14 +89,15 @@ def train_job(args, d) -> int:
         raise payload if isinstance(payload, UsageError) else UsageError(str(payload))
     cfg, run_dir, resume = payload
     cfg, run_dir, resume = C.Config.from_dict(cfg), Path(run_dir), None if resume is None else Path(resume)
+    data, score = data or (None, None)
     try:
-        return _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir, data)
+        return _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir, data, score)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, dataset=None) -> int:
+def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, dataset=None, score=None) -> int:
     set_threads(args, cfg, d)
     cache_dir = Path(args.cache_dir) if args.cache_dir else runs_dir / ".cache"
     progress = not args.no_progress
@@ -106,8 +109,12 @@ def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, datas
     D.barrier(d)
 
     t0 = time.time()
-    eps_ema, proj_ema, _ = train(cfg, run_dir, d, resume=resume, fused=args.fused, dataset=dataset,
-                                 progress=progress)
+    if cfg.projection_only:  # T alone; "eps_ema" is the frozen score, an epsilon model at our VP time
+        eps_ema, proj_ema, _ = train_projection(cfg, run_dir, d, resume=resume, fused=args.fused, dataset=dataset,
+                                                progress=progress, score=score)
+    else:
+        eps_ema, proj_ema, _ = train(cfg, run_dir, d, resume=resume, fused=args.fused, dataset=dataset,
+                                     progress=progress)
     t_train = time.time() - t0
     if args.fused:
         use_fused([eps_ema, proj_ema])

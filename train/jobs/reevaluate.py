@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..engine import config as C
 from ..engine.checkpoint import load_run
 from ..engine.errors import UsageError
 from ..engine.networks import check_compile, compiled, use_fused
@@ -28,6 +29,8 @@ def eval_job(args, d) -> int:
         raise UsageError(f"--run {run} is a gmm (toy) run; its evaluation is part of `--dataset gmm`")
     set_threads(args, cfg, d)
     changes, eval_changes = {}, {}
+    if args.quick:  # the --quick config's small table: a pipeline check, reported without verdicts
+        eval_changes.update(C.build(cfg.dataset, True, None, {}, None).data["eval"])
     if args.data_root:
         changes["data_root"] = str(Path(args.data_root).expanduser().resolve())
     if args.fid:
@@ -59,7 +62,7 @@ def eval_job(args, d) -> int:
         feats, ref, extra, _ = features_and_reference(cfg, d, cache_dir, progress, inception, args.ref_stats)
         prefix = "fid_" if args.fid else ""
         evaluate(cfg, eps_net, proj_net, feats, ref, run, d, backend="triton" if args.fused else "auto",
-                 progress=progress, prefix=prefix, extra_rows=extra, verdicts=not cfg.quick)
+                 progress=progress, prefix=prefix, extra_rows=extra, verdicts=not (cfg.quick or args.quick))
     finally:
         if lock is not None:
             lock.release()
