@@ -187,3 +187,25 @@ def test_eval_refuses_a_changed_score(env, tmp_path, capsys):
     one_line_error(code, err, "has changed since T was trained")
     code, err = cli(["--quick", "--config", env["cfg"], "--resume", run, "--iterations", 4, "--no-eval"], capsys)
     one_line_error(code, err, "has changed since T was trained")
+
+
+def test_demonstration_studies_run(env, tmp_path, capsys):
+    """The two studies behind docs/score_from.md, at toy size: a diffusers UNet2DModel trained on the digits
+    and loaded back through --score-from, and the paired comparison of a separate T with a joint one."""
+    model = tmp_path / "dd"
+    code, err = cli(["diffusers-digits", "--out", model, "--iterations", 2, "--no-progress"], capsys)
+    assert code == 0, err
+    assert diffusers.UNet2DModel.from_pretrained(str(model)).config.sample_size == 16
+    assert json.loads((model / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+    train(env, tmp_path / "on_dd", capsys, "--score-from", model, iterations=2)
+    joint, sep = tmp_path / "joint", tmp_path / "sep"
+    train(env, joint, capsys, iterations=2)
+    train(env, sep, capsys, "--score-from", joint, iterations=2)
+    doc = tmp_path / "cmp.md"
+    code, err = cli(["compare-projections", "--pair", f"{joint}:{sep}", "--steps", 3, "--samples", 6, "--batch", 6,
+                     "--bootstrap", 5, "--doc", doc, "--cache-dir", env["cache"], "--no-progress"], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    assert text.count("| sep (0) | 3 |") == 3 and "training-seed variance is not measured" in text
+    code, err = cli(["compare-projections", "--pair", f"{sep}:{joint}", "--cache-dir", env["cache"]], capsys)
+    one_line_error(code, err, "must be a --score-from run")
