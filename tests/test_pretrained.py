@@ -91,7 +91,10 @@ def test_pipeline_layouts_and_changed_weights(dfolder, tmp_path):
     (pipe / "model_index.json").write_text("{}")
     a, b = P.load_score(pipe), P.load_score(pipe / "unet")  # the pipeline root, and its unet/ beside scheduler/
     c = P.load_score(variant(dfolder, tmp_path, "sub", scheduler_dir=True))
-    assert a.sha256 == b.sha256 == c.sha256 == P.load_score(dfolder).sha256
+    diffusers.UNet2DModel.from_pretrained(str(dfolder)).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    shutil.copy(dfolder / "scheduler_config.json", tmp_path / "bin")
+    e = P.load_score(tmp_path / "bin")  # pickled .bin weights: the same weights, the same hash
+    assert a.sha256 == b.sha256 == c.sha256 == e.sha256 == P.load_score(dfolder).sha256
     record = a.record()
     assert record["kind"] == "diffusers" and record["prediction_type"] == "epsilon"
     a.check_record(record)

@@ -264,7 +264,9 @@ def _load_diffusers(path: Path, sde: VPSDE) -> ScoreSource:
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # no advice about optional packages on stderr
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False)
+        safe = any((model_dir / w).is_file() for w in DIFFUSERS_WEIGHTS if ".safetensors" in w)
+        unet = diffusers.UNet2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False, local_files_only=True,
+                                                     use_safetensors=safe)
     except Exception as e:
         raise ScoreSourceError(f"cannot load the UNet2DModel in {model_dir}: {type(e).__name__}: "
                                f"{' '.join(str(e).split())[:200]}") from None
