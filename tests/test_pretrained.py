@@ -11,7 +11,7 @@ import torch
 from wgfcore import pretrained as P
 from wgfcore.adapters import from_diffusers
 from wgfcore.nets import UNet
-from wgfcore.sample import eps_to_score
+from wgfcore.sde import eps_to_score
 from wgfcore.scores import gaussian
 from wgfcore.sde import VPSDE
 

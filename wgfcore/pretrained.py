@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import alpha_bar_at, from_diffusers
-from .sample import eps_to_score
-from .sde import VPSDE, _bcast
+from .sde import VPSDE, bcast, eps_to_score
 
 #: the format tag of an exported projection network (config.json beside model.safetensors / model.pt)
 FORMAT = "wgfcore-projection/1"
@@ -248,7 +247,7 @@ class _AsEpsilon(nn.Module):
         out = self.unet(x, tau)
         out = out.sample if hasattr(out, "sample") else out
         ab = alpha_bar_at(self.alphas_cumprod, tau.to(torch.float64))
-        a, s = _bcast(ab.sqrt(), x), _bcast((1 - ab).sqrt(), x)
+        a, s = bcast(ab.sqrt(), x), bcast((1 - ab).sqrt(), x)
         return a * out + s * x if self.prediction_type == "v_prediction" else (x - a * out) / s
 
 
@@ -279,7 +278,7 @@ def _load_diffusers(path: Path, sde: VPSDE) -> ScoreSource:
     score_fn = from_diffusers(model, alphas_cumprod=table, sde=sde)
 
     def eps_fn(x, t):  # the model's epsilon at our time t: -s sigma_t (= its output inside the table's range)
-        return -score_fn(x, t) * _bcast(sde.sigma(t), x)
+        return -score_fn(x, t) * bcast(sde.sigma(t), x)
 
     info = {"model": str(model_dir.resolve()), "scheduler": str(sched_path.resolve()), "prediction_type": pred,
             "num_train_timesteps": int(table.numel()), "t_range": list(score_fn.t_range),

@@ -8,9 +8,11 @@ works with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 
 from . import distributed as D
 from .config import Config
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, one_line
 from .networks import build_nets, build_projection, frozen_score
 
 LAST = "last.pt"
@@ -38,31 +40,59 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj, path) -> Path:
-    """torch.save(obj) to `path` atomically: temp file in the same folder, fsync, os.replace."""
+def _disk_full(e: BaseException) -> bool:
+    """Did a write fail for want of space? (torch reports it as "enforce fail at inline_container.cc",
+    with the OSError ENOSPC in the exception's context)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def write_atomic(path, write, what: str = "file") -> Path:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace: `path` is either the old
+    file or the complete new one, never a part. A failed write removes the temporary and raises a
+    one-line CheckpointError (a full disk says so)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        kept = " (the previous one is kept)" if path.exists() else ""
+        if _disk_full(e):
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free"
+            except OSError:
+                free = "no space left"
+            raise CheckpointError(f"cannot write {what} {path}: the disk is full ({free}){kept}; free some space "
+                                  "and run the command again") from None
+        raise CheckpointError(f"cannot write {what} {path}{kept}: {one_line(e)}") from None
     _fsync_dir(path.parent)
     return path
 
 
-def load(path, map_location="cpu") -> dict:
-    """torch.load(weights_only=True), with a readable error for a missing or damaged file."""
+def save_atomic(obj, path) -> Path:
+    """torch.save(obj) to `path` atomically (`write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save(obj, f), "checkpoint")
+
+
+def load(path, map_location="cpu", mmap: bool = False) -> dict:
+    """torch.load(weights_only=True), with a readable error for a missing or damaged file (`mmap`: the
+    tensors stay on disk until read, for a look at a checkpoint's keys)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
@@ -90,14 +120,14 @@ def find_resumable(ckpt_dir) -> Path | None:
     last = ckpt_dir / LAST
     if last.is_file():
         try:
-            best = (int(load(last)["step"]), last)
+            best = (int(load(last, mmap=True)["step"]), last)
         except (CheckpointError, KeyError):
             best = None
     for step, p in sorted(cands, reverse=True):
         if best is not None and best[0] >= step:
             break
         try:
-            load(p)
+            load(p, mmap=True)
             return p
         except CheckpointError:
             continue
@@ -169,9 +199,9 @@ def training_state(step: int, cfg: Config, d: D.Dist, eps, proj, ema_eps, ema_pr
     return state
 
 
-def load_training_state(path: Path) -> dict:
+def load_training_state(path: Path, mmap: bool = False) -> dict:
     """A training checkpoint, or a one-line CheckpointError when the file is something else."""
-    state = load(path, map_location="cpu")
+    state = load(path, map_location="cpu", mmap=mmap)
     proj_only = isinstance(state, dict) and isinstance(state.get("config"), dict) and "score_from" in state["config"]
     missing = [k for k in TRAINING_STATE if not isinstance(state, dict) or k not in state
                and not (proj_only and k in SCORE_STATE)]

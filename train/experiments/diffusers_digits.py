@@ -34,13 +34,17 @@ from ..engine.distributed import Dist
 from ..engine.errors import UsageError
 from ..engine.loop import loop, loss_fields, make_optimizer
 from ..engine.networks import EMA
-from ..engine.rundir import LossLog, claim_new, write_json
+from ..engine.rundir import Lock, LossLog, make_folder, write_json
+from ..engine.runfiles import LOCK
 from ..evaluation.plots import plot_losses
 
 #: diffusers' UNet2DModel at 16x16x1: 176,849 parameters (the main job's score U-Net: 190,369)
 UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1,
             down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
             norm_num_groups=8, attention_head_dim=32)
+#: what this study writes into --out (and all that --overwrite removes)
+WRITES = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", "losses.csv", "losses.png",
+          "train_info.json")
 #: the main job's optimisation (train/configs/digits.json) for the score alone
 TRAINING = {"dataset": "digits", "resolution": 16, "channels": 1, "preset": "tiny", "batch_size": 64,
             "iterations": 1600, "lr": 0.002, "warmup": 50, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
@@ -80,6 +84,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _claim(out: Path, overwrite: bool) -> Lock:
+    """Lock --out for this study: a new or empty folder, or (with --overwrite) one this study wrote before,
+    whose files it removes; anything else is refused and left as it was."""
+    make_folder(out, "output folder")
+    lock = Lock(out).acquire()
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    try:
+        if others and not (overwrite and (out / "train_info.json").is_file() and set(others) <= set(WRITES)):
+            raise UsageError(f"--out {out} is not empty ({', '.join(others[:4])}); choose a new folder"
+                             + ("" if overwrite else ", or replace an earlier output of this study with --overwrite"))
+        for name in others:
+            (out / name).unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def run(args) -> int:
     try:
         import diffusers
@@ -94,7 +116,7 @@ def run(args) -> int:
     d = Dist()
     data = make_dataset(cfg.dataset, None, cfg.resolution)
     check_batch(len(data), cfg)
-    lock = claim_new(args.out, args.overwrite)
+    lock = _claim(args.out, args.overwrite)
     try:
         torch.manual_seed(cfg.seed)
         unet = diffusers.UNet2DModel(**UNET)

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from wgfcore.pretrained import save_projection, unet_spec
-from wgfcore.sample import eps_to_score
-from wgfcore.sde import VPSDE
+from wgfcore.sde import VPSDE, eps_to_score
 
 from ..data.datasets import make_dataset
 from ..data.order import batches, check_batch
