@@ -68,8 +68,8 @@ def env(tmp_path_factory):
 
 def train(env, out, capsys, *extra, iterations=4, evaluate=False):
     code, err = cli(["--quick", "--config", env["cfg"], "--out", out, "--no-progress", "--threads", "1",
-                     "--iterations", iterations, *extra, *([] if evaluate else ["--no-eval"]),
-                     "--cache-dir", env["cache"]], capsys)
+                     "--iterations", iterations, *extra,
+                     *(["--cache-dir", env["cache"]] if evaluate else ["--no-eval"])], capsys)
     assert code == 0, err
     return err
 
@@ -99,7 +99,7 @@ def test_diffusers_score_end_to_end(env, tmp_path, capsys):
     table = (run / "results.md").read_text()
     assert "Predict-Project" in table and "Score-based (EM)" in table
     assert digest(env["unet"]) == before
-    code, err = cli(["export", "--run", run, "--to", tmp_path / "docs", "--name", "sf"], capsys)  # copies T out
+    code, err = cli(["export", "--run", run, "--to", tmp_path / "docs", "--name", "sf", "--allow-quick"], capsys)
     assert code == 0, err
     assert "frozen diffusers score" in (tmp_path / "docs" / "sf_results.md").read_text()
     assert load_projection(tmp_path / "docs" / "sf_projection")[1]["step"] == 4
@@ -209,3 +209,23 @@ def test_demonstration_studies_run(env, tmp_path, capsys):
     assert text.count("| sep (0) | 3 |") == 3 and "training-seed variance is not measured" in text
     code, err = cli(["compare-projections", "--pair", f"{sep}:{joint}", "--cache-dir", env["cache"]], capsys)
     one_line_error(code, err, "must be a --score-from run")
+
+
+def test_overwrite_removes_only_what_the_runs_wrote(env, tmp_path, capsys):
+    joint, run = tmp_path / "joint", tmp_path / "run"
+    train(env, joint, capsys, iterations=2)
+    train(env, run, capsys, "--score-from", joint, iterations=2)
+    (run / "projection" / "notes.txt").write_text("mine")
+    train(env, run, capsys, "--score-from", joint, "--overwrite", iterations=2)
+    assert (run / "projection" / "notes.txt").read_text() == "mine"
+    assert load_projection(run / "projection")[1]["step"] == 2
+    # the diffusers study: a folder it did not write is refused; its own earlier output only with --overwrite
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.tex").write_text("x")
+    code, err = cli(["diffusers-digits", "--out", tmp_path / "busy", "--iterations", 1], capsys)
+    one_line_error(code, err, "is not empty")
+    assert (tmp_path / "busy" / "thesis.tex").read_text() == "x"
+    dd = tmp_path / "dd"
+    assert cli(["diffusers-digits", "--out", dd, "--iterations", 1, "--no-progress"], capsys)[0] == 0
+    one_line_error(*cli(["diffusers-digits", "--out", dd, "--iterations", 1], capsys), "--overwrite")
+    assert cli(["diffusers-digits", "--out", dd, "--iterations", 1, "--overwrite", "--no-progress"], capsys)[0] == 0
