@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from train.run import main
+from cli_support import cli, one_line_error
 from wgfcore.pretrained import load_predict_project, load_projection
 from wgfcore.sample import sample
 
@@ -19,22 +19,6 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is a test extra: 
 TINY = {"batch_size": 8, "log_every": 2, "ckpt_every": 2, "warmup": 2,
         "net": {"model_channels": 16, "head_channels": 32},
         "eval": {"steps": [3], "samples": 6, "batch": 6, "grid": 6, "bootstrap": 0}}
-
-
-def cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_line_error(code, err, *expect):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    for e in expect:
-        assert e in err, err
 
 
 def digest(folder):
