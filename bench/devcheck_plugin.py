@@ -8,7 +8,9 @@ compile seconds spent during the test (Triton's JIT hooks), and for a benchmark 
 and `extra_info` (what bench/conftest.py `record` stores). A phase interrupted or killed keeps
 every finished row. With WGF_SELECT, a file of node-id selectors (one per line; `prefix` keeps
 the first collected test whose id starts with it, `prefix*` every such test), only those run, in
-the file's order, and selectors that match nothing are written as rows too.
+the file's order, and selectors that match nothing are written as rows too. With
+WGF_HOLD_AFTER_ROW_S (only --dry's demo of a stopped phase), it waits that long after each test's
+row, so that the phase's stop arrives between two rows whatever the machine's load.
 """
 from __future__ import annotations
 
@@ -190,3 +192,6 @@ def pytest_runtest_makereport(item, call):
         if bench:
             row["bench"] = bench
         _write(row)
+        hold = float(os.environ.get("WGF_HOLD_AFTER_ROW_S", "0"))
+        if hold > 0 and rep.when == "call":
+            time.sleep(hold)  # --dry's capped phase: the SIGINT lands here, so exactly one row is finished

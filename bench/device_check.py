@@ -60,6 +60,7 @@ class Phase:
     select: list = field(default_factory=list)
     cap_after_first_row: bool = False
     after_smoke: bool = False  # deselect what the smoke phase ran
+    hold_after_row_s: float = 0.0  # --dry: each row is followed by this pause, so the stop falls between rows
 
 
 # --- the plans --------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def dry_plan() -> list[Phase]:
         Phase("step", "a step row on CPU", ["bench/test_bench_step.py", "-k", "em-eager-fp32-B1"], 40, bench=True),
         Phase("capped", "tiny U-Net rows on CPU, stopped at a cap of 0 s after the first row",
               ["bench/test_bench_unet.py", "-k", "fwd-tiny and cpu and (math or sdpa) and not compile"], 0.0,
-              bench=True, cap_after_first_row=True),
+              bench=True, cap_after_first_row=True, hold_after_row_s=120.0),
         Phase("tests", "the rest of the test file, less the smoke tests",
               ["tests/test_sample.py", "-k", "graph_key or cuda_graph_errors or bad_arguments"], 60, after_smoke=True),
     ]
@@ -191,6 +192,8 @@ def run_phase(ph: Phase, out: Path, cap: float, env: dict, smoke_ids: list) -> P
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "devcheck_plugin", *ph.args,
            f"--junitxml={out / (ph.name + '.xml')}"]
     penv = dict(env, WGF_ROWS=str(rows))
+    if ph.hold_after_row_s:
+        penv["WGF_HOLD_AFTER_ROW_S"] = str(ph.hold_after_row_s)
     if ph.select:
         sel = out / f"select-{ph.name}.txt"
         sel.write_text("\n".join(ph.select) + "\n")

@@ -42,10 +42,13 @@ class Rows:
         return self.by_name.get(name)
 
     def value(self, name, key):
+        """extra_info[key] of row `name`; a dotted key reads into a nested record ("ratio.median")."""
         b = self.by_name.get(name)
         if b is None:
             return None
-        v = b.get("extra_info", {}).get(key)
+        v = b.get("extra_info", {})
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
         return v if isinstance(v, (int, float)) else None
 
     def names(self, prefix):
@@ -253,16 +256,21 @@ def _targets() -> list[Target]:
                     cpu_ratio(["test_cpu_steps_threads[em-cpp-256x3x64x64-N20]"], at_least=1.6, key="speedup")))
     t.append(Target("16", "C++ steps, per-step host overhead at 64x2: no worse than the torch path",
                     cpu_ratio(["test_cpu_steps_overhead[em-64x2-N1000]"], at_most=1.0, key="ratio")))
-    for shape in ("64x3x32x32-N100", "256x3x64x64-N20"):
-        for s in ("em", "pf_ode", "heun", "predict_project"):
+    # bench/test_bench_loop.py: one row per (sampler, shape), the median paired wall-time ratio of
+    # sample() to the hand loop and to each library's loop, interleaved in one run
+    loop = "test_loop_against_hand_diffusers_kdiffusion[{}-{}]"
+    kinds = {"em": "em", "pf_ode": "pf_ode", "heun": "heun", "predict_project": "pp"}
+    for shape, tag in (("64x3x32x32-N100", "medium"), ("256x3x64x64-N20", "large")):
+        for s, kind in kinds.items():
             t.append(Target("17", f"torch path, {s}, {shape}, 1 thread: <= 1.15x the hand loop",
-                            cpu_ratio([f"test_loop[{s}-wgfcore-{shape}]"], at_most=1.15)))
-    for s in ("em", "pf_ode", "heun", "predict_project"):
+                            cpu_ratio([loop.format(kind, tag)], at_most=1.15, key="ratio_vs_hand_wall.median")))
+    for s, kind in kinds.items():
         t.append(Target("17", f"torch path, {s}, 64x2 N=1000, 1 thread: <= 1.5x the hand loop",
-                        cpu_ratio([f"test_loop[{s}-wgfcore-64x2-N1000]"], at_most=1.5)))
+                        cpu_ratio([loop.format(kind, "tiny")], at_most=1.5, key="ratio_vs_hand_wall.median")))
+    every = [loop.format(kind, tag) for kind in ("em", "pf_ode", "heun") for tag in ("tiny", "medium", "large")]
     for lib in ("diffusers", "k-diffusion"):
-        t.append(Target("17", f"torch path faster than {lib}'s loop for the same sampler at every shape",
-                        cpu_ratio([f"test_loop_vs[{lib}]"], at_most=1.0, key="worst_ratio")))
+        t.append(Target("17", f"torch path faster than {lib}'s loop for the same sampler at every shape (worst row)",
+                        cpu_ratio(every, at_most=1.0, key=f"ratio_vs_{lib}_wall.median")))
     # issue 18: the device check itself
     t.append(Target("18", "correctness smoke phase: <= 60 s", run_figure("smoke_s", 60, ("full", "quick"))))
     t.append(Target("18", "the whole device check, every phase: <= 420 s on the GPU",

@@ -15,36 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_support import TINY, cli, one_line_error
 from train.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"batch_size": 8, "log_every": 2, "ckpt_every": 2, "warmup": 2,
-        "net": {"model_channels": 16, "head_channels": 32},
-        "eval": {"steps": [3], "samples": 6, "batch": 6, "grid": 6, "classifier_epochs": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
-
-
-def cli(argv, capsys):
-    """(exit code, stderr) of `train/run.py argv` run in this process (argparse errors included)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_line_error(code, err, *expect):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    for e in expect:
-        assert e in err, err
 
 
 def _train(tiny, out, capsys, *extra, iterations=4):

@@ -17,27 +17,9 @@ import pytest
 import torch
 
 from train.engine.runfiles import MARKER
-from train.run import main
+from cli_support import TINY, cli, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"batch_size": 8, "log_every": 2, "ckpt_every": 2, "warmup": 2,
-        "net": {"model_channels": 16, "head_channels": 32},
-        "eval": {"steps": [3], "samples": 6, "batch": 6, "grid": 6, "classifier_epochs": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
-
-
-def cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def train(tiny, out, capsys, *extra, iterations=2, expect=0):
@@ -45,14 +27,6 @@ def train(tiny, out, capsys, *extra, iterations=2, expect=0):
                      "--iterations", iterations, *extra], capsys)
     assert code == expect, err
     return err
-
-
-def one_line(code, err, *expect):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    for e in expect:
-        assert e in err, err
 
 
 def step_of(run):
@@ -90,7 +64,7 @@ def test_files_named_like_a_run_prove_nothing(tmp_path, tiny, capsys):
         for extra in ([], ["--overwrite"], ["--resume", "auto"]):
             code, err = cli(["--quick", "--config", tiny, "--out", folder, "--no-eval", "--iterations", "2", *extra],
                             capsys)
-            one_line(code, err, "holds no run")
+            one_line_error(code, err, "holds no run")
             assert snapshot(folder) == before, extra  # not even a lock file left behind
 
 
@@ -141,7 +115,7 @@ def test_a_symlink_where_a_run_file_goes_stops_overwrite(tmp_path, tiny, capsys,
         target.symlink_to(outside / "thesis.md")
     before, out_before = snapshot(run), snapshot(outside)
     code, err = cli(["--quick", "--config", tiny, "--out", run, "--no-eval", "--overwrite"], capsys)
-    one_line(code, err, "symbolic link", "nothing was removed")
+    one_line_error(code, err, "symbolic link", "nothing was removed")
     assert snapshot(run) == before and snapshot(outside) == out_before
 
 
@@ -151,7 +125,7 @@ def test_a_run_of_the_code_before_the_marker_is_still_a_run(tmp_path, tiny, caps
     (run / MARKER).unlink()  # as main's code wrote it: its checkpoint is the proof
     (run / "mine.txt").write_text("x")
     code, err = cli(["--quick", "--config", tiny, "--out", run, "--no-eval"], capsys)
-    one_line(code, err, "already holds a run")
+    one_line_error(code, err, "already holds a run")
     train(tiny, run, capsys, "--overwrite", iterations=4)
     assert step_of(run) == 4 and (run / "mine.txt").read_text() == "x" and (run / MARKER).is_file()
 
@@ -214,7 +188,7 @@ def test_resume_auto_finishes_an_interrupted_evaluation_and_export_works(tmp_pat
         assert timing["eval_seconds"] >= 0 and ("train_seconds" in timing)
         assert step_of(run) == 2
     code, err = cli(["--quick", "--config", tiny, "--out", run, "--resume", "auto", "--no-progress"], capsys)
-    one_line(code, err, "its training is complete", "re-evaluate it with `train/run.py eval`")
+    one_line_error(code, err, "its training is complete", "re-evaluate it with `train/run.py eval`")
     code, err = cli(["export", "--run", run, "--to", tmp_path / "docs", "--allow-quick"], capsys)
     assert code == 0, err
 
@@ -254,7 +228,7 @@ def test_a_failed_start_claims_nothing(tmp_path, tiny, capsys, bad, expect):
         else:
             argv += bad
         code, err = cli(argv, capsys)
-        one_line(code, err, expect)
+        one_line_error(code, err, expect)
         assert out.exists() == existing and (not existing or not any(out.iterdir()))
         train(tiny, out, capsys)  # the fixed command, without --overwrite
 
@@ -291,5 +265,5 @@ def test_gmm_folder_advice_does_not_offer_resume(tmp_path, capsys):
     (run / MARKER).write_text(json.dumps({"marker": "wgfcore train/run.py run folder", "job": "gmm"}))
     (run / "checkpoints" / "last.pt").write_bytes(b"x")
     code, err = cli(["--dataset", "gmm", "--quick", "--out", run, "--no-progress"], capsys)
-    one_line(code, err, "already holds a run", "--overwrite")
+    one_line_error(code, err, "already holds a run", "--overwrite")
     assert "--resume" not in err

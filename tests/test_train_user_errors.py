@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from cli_support import TINY, cli, one_line_error
 from train.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"batch_size": 8, "log_every": 2, "ckpt_every": 2, "warmup": 2,
-        "net": {"model_channels": 16, "head_channels": 32},
-        "eval": {"steps": [3], "samples": 6, "batch": 6, "grid": 6, "classifier_epochs": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +23,6 @@ def trained(tiny, tmp_path_factory):
     assert main(["--quick", "--config", tiny, "--out", str(out), "--no-eval", "--no-progress", "--threads", "1",
                  "--iterations", "2"]) == 0
     return out
-
-
-def cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_line(code, err, *expect, absent=()):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    for e in expect:
-        assert e in err, err
-    for a in absent:
-        assert a not in err, err
 
 
 def last_line(code, err, *expect, absent=()):
@@ -69,7 +42,7 @@ def before_training(tiny, tmp_path, capsys, *argv, expect=(), absent=(), config=
         tiny = p
     code, err = cli(["--quick", "--config", tiny, "--out", tmp_path / "r", "--runs-dir", tmp_path / "runs",
                      "--no-progress", *argv], capsys)
-    one_line(code, err, *expect, absent=absent)
+    one_line_error(code, err, *expect, absent=absent)
     assert not (tmp_path / "r").exists()
 
 
@@ -91,7 +64,7 @@ def test_inception_weights_that_are_empty_or_another_network(tmp_path, tiny, tra
                     absent=["does not exist"])
     code, err = cli(["eval", "--fid", "--run", trained, "--inception-weights", trained / "checkpoints" / "last.pt"],
                     capsys)
-    one_line(code, err, "is not pytorch-fid's Inception weights")
+    one_line_error(code, err, "is not pytorch-fid's Inception weights")
     # given to a run that does not use them: an error, not ignored
     before_training(tiny, tmp_path, capsys, "--inception-weights", tmp_path / "empty.pth",
                     expect=["--inception-weights is not used"])
@@ -108,13 +81,13 @@ def test_inception_weights_that_are_empty_or_another_network(tmp_path, tiny, tra
 ])
 def test_bad_values_are_one_line(tmp_path, tiny, capsys, argv, expect):
     code, err = cli(["--quick", "--config", tiny, "--no-eval", "--runs-dir", tmp_path / "runs", *argv], capsys)
-    one_line(code, err, expect)
+    one_line_error(code, err, expect)
     assert not (tmp_path / "runs").exists()
 
 
 def test_gmm_with_too_few_samples(tmp_path, capsys):
     code, err = cli(["--dataset", "gmm", "--quick", "--eval-samples", "2", "--out", tmp_path / "g"], capsys)
-    one_line(code, err, "eval.samples must be at least 4")
+    one_line_error(code, err, "eval.samples must be at least 4")
     assert not (tmp_path / "g").exists()
 
 
@@ -129,7 +102,7 @@ def test_resume_of_a_gmm_checkpoint_by_an_image_job(tmp_path, tiny, capsys):
     opt = torch.optim.Adam(list(eps.parameters()) + list(proj.parameters()))
     path = save_checkpoint(training_state(5, cfg, Dist(), eps, proj, eps, proj, opt, {}), tmp_path / "checkpoints", 5)
     code, err = cli(["--quick", "--config", tiny, "--resume", path, "--no-eval"], capsys)
-    one_line(code, err, "gmm (toy) job", absent=["KeyError"])
+    one_line_error(code, err, "gmm (toy) job", absent=["KeyError"])
 
 
 def test_eval_of_non_finite_weights(tmp_path, trained, capsys):
@@ -141,7 +114,7 @@ def test_eval_of_non_finite_weights(tmp_path, trained, capsys):
     state["ema_eps"][k] = torch.full_like(state["ema_eps"][k], float("nan"))
     torch.save(state, run / "checkpoints" / "last.pt")
     code, err = cli(["eval", "--run", run], capsys)
-    one_line(code, err, "not finite")
+    one_line_error(code, err, "not finite")
 
 
 def test_broken_link_in_celeba(tmp_path, tiny, capsys):
@@ -154,7 +127,7 @@ def test_broken_link_in_celeba(tmp_path, tiny, capsys):
     for extra in ([], ["--check-data"]):
         code, err = cli(["--dataset", "celeba", "--quick", "--data-root", tmp_path / "data", "--out", tmp_path / "r",
                          "--no-eval", *extra], capsys)
-        one_line(code, err, "000002.jpg", "broken link")
+        one_line_error(code, err, "000002.jpg", "broken link")
         assert not (tmp_path / "r").exists()
 
 
@@ -183,7 +156,7 @@ def test_full_disk_during_a_checkpoint_says_so(tmp_path, tiny, trained, capsys, 
 def test_export_name_stays_inside_to(tmp_path, trained, capsys):
     code, err = cli(["export", "--run", trained, "--to", tmp_path / "docs", "--name", "../../escape", "--allow-quick"],
                     capsys)
-    one_line(code, err, "--name")
+    one_line_error(code, err, "--name")
     assert not list(tmp_path.rglob("*escape*"))
 
 
@@ -202,12 +175,12 @@ def test_export_to_a_full_disk_leaves_no_partial_file(tmp_path, tiny, capsys, mo
 
     monkeypatch.setattr(checkpoint, "open", full_disk, raising=False)
     code, err = cli(["export", "--run", run, "--to", tmp_path / "docs", "--allow-quick"], capsys)
-    one_line(code, err, "the disk is full")
+    one_line_error(code, err, "the disk is full")
     assert [p for p in (tmp_path / "docs").rglob("*") if p.is_file()] == []
     monkeypatch.undo()
     # and a --quick run goes into docs/ only when asked
     code, err = cli(["export", "--run", run, "--to", tmp_path / "docs"], capsys)
-    one_line(code, err, "--quick run", "--allow-quick")
+    one_line_error(code, err, "--quick run", "--allow-quick")
     code, err = cli(["export", "--run", run, "--to", tmp_path / "docs", "--allow-quick"], capsys)
     assert code == 0 and (tmp_path / "docs" / "digits_results.md").stat().st_size > 0, err
 
@@ -230,7 +203,7 @@ def test_svhn_bool_or_nan_pixels_are_refused(tmp_path, X, expect):
 def test_eval_flags_that_need_fid(trained, tmp_path, capsys):
     for flag, value in (("--ref-stats", tmp_path / "ref.npz"), ("--ref-samples", "10")):
         code, err = cli(["eval", "--run", trained, flag, value], capsys)
-        one_line(code, err, flag, "--fid")
+        one_line_error(code, err, flag, "--fid")
 
 
 # --- 7. found by walking the README ---------------------------------------------------------------------

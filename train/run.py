@@ -43,7 +43,7 @@ from train.jobs.toy import toy_job  # noqa: E402
 SUBCOMMANDS = ("train", "eval", "export", *EXPERIMENTS)
 #: flags of the image jobs that mean nothing to the gmm job (and the reverse): given, they are errors
 IMAGE_ONLY = ("data_root", "preset", "fused", "triton_interpreter", "num_workers", "sample_every", "eval_rows",
-              "eval_batch", "inception_weights", "check_data", "no_eval", "cache_dir")
+              "eval_batch", "inception_weights", "check_data", "no_eval", "cache_dir", "score_from", "proj_width")
 GMM_ONLY = ("hidden",)
 
 
@@ -120,6 +120,10 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=path_str, default=None, help="cache of the digits classifier and FID reference "
                                                      "statistics (default: <runs-dir>/.cache)")
     p.add_argument("--inception-weights", type=path_str, help="path of pt_inception-2015-12-05-6726825d.pth (FID)")
+    p.add_argument("--score-from", metavar="PATH", type=path_str,
+                   help="train only the projection network T on a frozen score model: a wgfcore run folder (its "
+                        "EMA score) or a diffusers UNet2DModel folder (save_pretrained, with scheduler_config.json "
+                        "beside it or in scheduler/). Its images must match the dataset's config")
     _common(p)
     g = p.add_argument_group("overrides of the config")
     g.add_argument("--iterations", "--iters", type=pos_int)
@@ -128,6 +132,9 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=decay)
     g.add_argument("--delta-tau", type=delta_tau, help="training step of the projection loss: 0.05, or N list")
     g.add_argument("--preset", help="U-Net preset (tiny, adm64), without the config's 'net' overrides")
+    g.add_argument("--proj-width", type=pos_float, metavar="F",
+                   help="T's width as a multiple of the config's U-Net (model_channels and head_channels x F, "
+                        "e.g. 0.5); sets proj_net")
     g.add_argument("--hidden", type=pos_int, help="gmm: MLP width (3 hidden layers)")
     g.add_argument("--num-workers", type=nonneg_int)
     g.add_argument("--log-every", type=pos_int)
@@ -165,6 +172,9 @@ def eval_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--triton-interpreter", action="store_true",
                    help="with --fused on a CPU: the Triton kernels in Triton's interpreter (a correctness check)")
     p.add_argument("--cache-dir", type=path_str, default=None, help="default: <run>/../.cache")
+    p.add_argument("--quick", action="store_true",
+                   help="the --quick config's small table (e.g. N = 40, 20 with 64 samples): a pipeline check, "
+                        "reported without verdicts")
     _common(p)
     return p
 

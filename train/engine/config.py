@@ -89,6 +89,7 @@ class Config:
     compile: str | bool = False
     quick: bool = False  # set on --quick runs: untrained models, whose reports carry no verdicts
     resumes: tuple = ()  # written by the trainer: what each resume changed
+    score_from: dict | None = None  # a projection-only run's frozen score (kind, path, sha256, ...)
     data: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -98,6 +99,8 @@ class Config:
         kw = {k: _frozen(v) for k, v in d.items() if k not in ("eval", "_doc")}
         kw["net"], kw["proj_net"] = dict(d.get("net") or {}), dict(d.get("proj_net") or {})
         kw["compile"] = d.get("compile") or False
+        if d.get("score_from") is not None:
+            kw["score_from"] = json.loads(json.dumps(d["score_from"]))
         return cls(**kw, eval=ev, data=d)
 
     def to_dict(self) -> dict:
@@ -114,6 +117,11 @@ class Config:
     def toy(self) -> bool:
         """The 2-D mixture job (MLPs, W2) rather than an image job."""
         return self.dataset == "gmm"
+
+    @property
+    def projection_only(self) -> bool:
+        """Only T is trained, on the frozen score of `score_from` (train/run.py train --score-from)."""
+        return self.score_from is not None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -34,6 +34,7 @@ SUBFOLDERS = {
     "samples": re.compile(r"^((fid_)?[a-z0-9_]+_N\d+|train_step\d{8}_pp20)\.png$"),
     "tensorboard": re.compile(r"^events\.out\.tfevents\.[\w.\-]+$"),
     "analytic": None,  # a run folder of its own: the same rules
+    "projection": re.compile(r"^(config\.json|model\.safetensors|model\.pt)$"),  # --score-from: T, exported
 }
 TMP = re.compile(r"^\.(last|ckpt_\d+)\.pt\.tmp-\d+$")
 

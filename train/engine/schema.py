@@ -118,6 +118,13 @@ def _anything(v):
     return None
 
 
+def _score_from(v):
+    """The frozen score of a projection-only run (train/jobs/projection.py): written by --score-from."""
+    if not (isinstance(v, dict) and v.get("kind") in ("diffusers", "wgfcore") and isinstance(v.get("path"), str)
+            and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64):
+        return 'an object {"kind": "diffusers" or "wgfcore", "path": ..., "sha256": ...} (written by --score-from)'
+
+
 def _rows(v):
     return _list(_str(tuple(ROWS)))(v)
 
@@ -179,6 +186,7 @@ SCHEMA = {
     "eval": EVAL_SCHEMA,
     "quick": _bool,  # set on --quick runs: untrained models, whose reports carry no verdicts
     "resumes": _anything,  # written by the trainer: what each resume changed
+    "score_from": _score_from,  # a projection-only run's frozen score (--score-from): only T is trained
 }
 
 REQUIRED = {

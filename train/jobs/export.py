@@ -1,8 +1,10 @@
 """`train/run.py export`: copy a finished run's table and figures into docs/ (what the README quotes).
 
 Image runs give <to>/<name>_results.md and <to>/figures/<name>_{samples,losses,...}.png; gmm runs
-give <to>/<name>_results.md and <to>/figures/<name>_{samples,w2_vs_nfe}.png. Every file is written
-whole or not at all; a --quick run (untrained networks) is exported only when asked (--allow-quick).
+give <to>/<name>_results.md and <to>/figures/<name>_{samples,w2_vs_nfe}.png. A projection-only run
+(--score-from) also gives <to>/<name>_projection/: T in the standard format (safetensors + config.json).
+Every file is written whole or not at all; a --quick run (untrained networks) is exported only when
+asked (--allow-quick).
 """
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import json
 import re
 from pathlib import Path
 
+from wgfcore.pretrained import CONFIG, WEIGHTS_SAFETENSORS, WEIGHTS_TORCH
+
 from ..engine.checkpoint import write_atomic
 from ..engine.config import Config, read_json
 from ..engine.errors import UsageError
 from ..engine.rundir import read_record
+from .projection import EXPORT_DIR
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -72,11 +77,30 @@ def export_job(args) -> int:
         if "digits_classifier_test_accuracy" in timing:
             head += (f" digits-FD features: a small CNN trained on 80% of the digits "
                      f"(held-out accuracy {timing['digits_classifier_test_accuracy']:.3f}).")
+        if cfg.projection_only:
+            src = cfg.score_from
+            head += (f" Only T was trained (--score-from), on the frozen {src['kind']} score at `{src['path']}` "
+                     f"(sha256 {src['sha256'][:12]}...); the preset above is T's.")
+            projection = _projection_files(run)
     for src, dst in figures.items():
         _put(to / "figures" / f"{name}_{dst}", (run / src).read_bytes())
     _put(to / f"{name}_results.md", (head + "\n\n" + (run / "results.md").read_text()).encode())
-    print(f"wrote {to / f'{name}_results.md'} and {to / 'figures'}/{name}_*.png")
+    if not gmm and cfg.projection_only:
+        for f in projection:
+            _put(to / f"{name}_projection" / f.name, f.read_bytes())
+    print(f"wrote {to / f'{name}_results.md'} and {to / 'figures'}/{name}_*.png"
+          + (f"; T in {to / f'{name}_projection'}" if not gmm and cfg.projection_only else ""))
     return 0
+
+
+def _projection_files(run: Path) -> list[Path]:
+    """T of a projection-only run in the standard format (config.json + model.safetensors, or model.pt of
+    tensors only): `wgfcore.pretrained.load_projection` reads the exported copy without this trainer."""
+    src = run / EXPORT_DIR
+    weights = [src / w for w in (WEIGHTS_SAFETENSORS, WEIGHTS_TORCH) if (src / w).is_file()]
+    if not (src / CONFIG).is_file() or not weights:
+        raise UsageError(f"--run {run} has no exported T in {src} (a projection-only run that did not finish?)")
+    return [src / CONFIG, *weights]
 
 
 __all__ = ["export_job"]

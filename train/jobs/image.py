@@ -30,6 +30,7 @@ from ..evaluation.references import features_and_reference
 from ..evaluation.table import cells
 from .common import asked, overrides, resolve_resume, set_threads
 from .image_training import train
+from .projection import projection_setup, train_projection
 
 
 def cache_dir(args, runs_dir: Path) -> Path:
@@ -56,6 +57,7 @@ def _prepare(args, d, runs_dir: Path):
         if run_dir is None:
             name = f"{cfg.dataset}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = Path(args.out) if args.out else runs_dir / name
+    cfg, score = projection_setup(args, cfg, resume)  # T's --proj-width; --score-from's frozen score
     check_compile(cfg.compile)
     kernels = kernels_for(args.fused, d.device, args.triton_interpreter)  # e.g. no C++ compiler: exit 2 now
     with torch.device("meta"):  # every network argument checked now, without allocating weights
@@ -105,7 +107,7 @@ def _prepare(args, d, runs_dir: Path):
     if args.resume == "auto" and resume is None:
         print(f"--resume auto: nothing to resume in {args.out or runs_dir}: a new run", file=sys.stderr)
     print(f"run folder: {run_dir}", file=sys.stderr)
-    return cfg, run_dir, resume, lock, data
+    return cfg, run_dir, resume, lock, (data, score)
 
 
 def train_job(args, d) -> int:
@@ -124,8 +126,9 @@ def train_job(args, d) -> int:
         raise payload if isinstance(payload, UsageError) else UsageError(str(payload))
     cfg, run_dir, resume = payload
     cfg, run_dir, resume = C.Config.from_dict(cfg), Path(run_dir), None if resume is None else Path(resume)
+    data, score = data or (None, None)
     try:
-        return _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir, data)
+        return _train_and_evaluate(args, d, cfg, run_dir, resume, runs_dir, data, score)
     except UsageError:
         if lock is not None and resume is None:  # a failed start leaves nothing that blocks the folder
             undo_new_run(run_dir, lock)
@@ -135,7 +138,7 @@ def train_job(args, d) -> int:
             lock.release()
 
 
-def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, dataset=None) -> int:
+def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, dataset=None, score=None) -> int:
     set_threads(args, cfg, d)
     progress = not args.no_progress
     kernels = kernels_for(args.fused, d.device, args.triton_interpreter)
@@ -147,8 +150,12 @@ def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, datas
     D.barrier(d)
 
     t0 = time.time()
-    eps_ema, proj_ema, rows = train(cfg, run_dir, d, resume=resume, kernels=kernels, dataset=dataset,
-                                    progress=progress)
+    if cfg.projection_only:  # T alone; "eps_ema" is the frozen score, an epsilon model at our VP time
+        eps_ema, proj_ema, rows = train_projection(cfg, run_dir, d, resume=resume, kernels=kernels,
+                                                   dataset=dataset, progress=progress, score=score)
+    else:
+        eps_ema, proj_ema, rows = train(cfg, run_dir, d, resume=resume, kernels=kernels, dataset=dataset,
+                                        progress=progress)
     t_train = time.time() - t0
     if d.main and rows:  # recorded now (an earlier evaluation's no longer holds), for --resume after a kill
         write_json({"train_seconds": round(t_train, 1)}, run_dir / "timing.json")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine import config as C
 from ..engine.checkpoint import load_run
 from ..engine.errors import UsageError
 from ..engine.networks import all_finite, check_compile, compiled, kernels_for, use_fused
@@ -40,6 +41,8 @@ def eval_job(args, d) -> int:
         raise UsageError(f"--run {run} is a gmm (toy) run; its evaluation is part of `--dataset gmm`")
     set_threads(args, cfg, d)
     changes, eval_changes = {}, {}
+    if args.quick:  # the --quick config's small table: a pipeline check, reported without verdicts
+        eval_changes.update(C.build(cfg.dataset, True, None, {}, None).data["eval"])
     if args.data_root:
         changes["data_root"] = str(Path(args.data_root).expanduser().resolve())
     if args.fid:
@@ -75,7 +78,7 @@ def eval_job(args, d) -> int:
         feats, ref, extra, info = features_and_reference(cfg, d, cache_dir, progress, inception, args.ref_stats)
         prefix = "fid_" if args.fid else ""
         evaluate(cfg, eps_net, proj_net, feats, ref, run, d, backend=kernels.steps,
-                 progress=progress, prefix=prefix, extra_rows=extra, verdicts=not cfg.quick)
+                 progress=progress, prefix=prefix, extra_rows=extra, verdicts=not (cfg.quick or args.quick))
         if d.main:  # what export reads; the training time recorded before stays
             update_record(run / "timing.json", **{f"{prefix}eval_seconds": round(time.time() - t0, 1)},
                           device=str(d.device), world_size=d.world, threads=torch.get_num_threads(), **info)
