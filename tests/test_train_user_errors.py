@@ -270,5 +270,5 @@ def test_fused_without_a_compiler_is_one_line_before_training(tmp_path, tiny):
     r = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--quick", "--fused", "--device", "cpu",
                         "--config", tiny, "--out", str(tmp_path / "r"), "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300)
-    one_line(r.returncode, r.stderr, "--fused: backend='cpp' cannot run on cpu: no C++ compiler", "no-such-c++")
+    one_line_error(r.returncode, r.stderr, "--fused: backend='cpp' cannot run on cpu: no C++ compiler", "no-such-c++")
     assert not (tmp_path / "r").exists()
