@@ -19,7 +19,7 @@ from ..engine import distributed as D
 from ..engine.config import Config
 from ..engine.errors import UsageError
 from ..engine.loop import loop, loss_fields, make_optimizer
-from ..engine.networks import EMA, build_nets, compiled, use_fused
+from ..engine.networks import EMA, Kernels, build_nets, compiled, use_fused
 from ..engine.objectives import JointObjective
 from ..engine.rundir import LossLog
 from ..evaluation.draw import draw
@@ -27,7 +27,7 @@ from ..evaluation.plots import grid_scale, plot_losses, save_grid
 
 
 def train(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, resume: Path | None = None,
-          make_nets: Callable[[Config], tuple[nn.Module, nn.Module]] | None = None, fused: bool = False,
+          make_nets: Callable[[Config], tuple[nn.Module, nn.Module]] | None = None, kernels: Kernels = Kernels(),
           dataset=None, progress: bool = True, stop_at: int | None = None):
     """Train the score and projection networks of an image config for cfg.iterations steps (from a
     checkpoint with `resume`). Returns (eps_ema, proj_ema, logged rows). `stop_at` stops after that
@@ -42,7 +42,7 @@ def train(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, resume: Path |
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     eps_model, proj_model = make_nets(cfg)
-    if fused:
+    if kernels.nets:
         use_fused([eps_model, proj_model])
     eps_model, proj_model = eps_model.to(d.device), proj_model.to(d.device)
     fwd = [compiled(eps_model, cfg.compile), compiled(proj_model, cfg.compile)]
@@ -89,7 +89,7 @@ def train(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, resume: Path |
         obj.eval()
         with torch.no_grad():
             x, _ = draw(ema_eps.net, ema_proj.net, sde, "predict_project", 20, min(64, cfg.eval.grid), cfg, d,
-                        seed=cfg.seed + 10_000, backend="triton" if fused else "auto")
+                        seed=cfg.seed + 10_000, backend=kernels.steps)
         save_grid(x, run_dir / "samples" / f"train_step{done:08d}_pp20.png", scale=grid_scale(cfg))
         obj.train()
 

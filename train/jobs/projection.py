@@ -20,7 +20,7 @@ from ..engine import distributed as D
 from ..engine.config import Config
 from ..engine.errors import UsageError
 from ..engine.loop import loop, loss_fields, make_optimizer
-from ..engine.networks import EMA, build_projection, compiled, frozen_score, use_fused
+from ..engine.networks import EMA, Kernels, build_projection, compiled, frozen_score, use_fused
 from ..engine.objectives import ProjectionObjective
 from ..engine.rundir import LossLog
 from ..evaluation.draw import draw
@@ -86,7 +86,7 @@ def attach_score(args, cfg: Config, resume) -> tuple[Config, object]:
 
 
 def train_projection(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, resume: Path | None = None,
-                     fused: bool = False, dataset=None, progress: bool = True, score=None,
+                     kernels: Kernels = Kernels(), dataset=None, progress: bool = True, score=None,
                      stop_at: int | None = None):
     """Train T alone on the frozen score of cfg.score_from for cfg.iterations steps (from a checkpoint with
     `resume`). Returns (the frozen score, T's EMA, logged rows); writes T in the export format at the end."""
@@ -102,7 +102,7 @@ def train_projection(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, res
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     proj_model = build_projection(cfg)
-    if fused:
+    if kernels.nets:
         use_fused([proj_model])
     proj_model = proj_model.to(d.device)
     obj = ProjectionObjective(proj_model, eps_to_score(score, sde), sde, cfg,
@@ -144,7 +144,7 @@ def train_projection(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, res
         obj.eval()
         with torch.no_grad():
             x, _ = draw(score, ema.net, sde, "predict_project", 20, min(64, cfg.eval.grid), cfg, d,
-                        seed=cfg.seed + 10_000, backend="triton" if fused else "auto")
+                        seed=cfg.seed + 10_000, backend=kernels.steps)
         save_grid(x, run_dir / "samples" / f"train_step{done:08d}_pp20.png", scale=grid_scale(cfg))
         obj.train()
 
