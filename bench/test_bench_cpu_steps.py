@@ -32,7 +32,8 @@ from kernels import cpu_steps as cs
 from kernels.optable import OPS
 from wgfcore import ops
 from wgfcore.sample import sample
-from wgfcore.sde import VPSDE
+
+from hand_loop import hand_loop
 
 ROUNDS = int(os.environ.get("WGF_BENCH_ROUNDS", "7"))
 SHAPES = {"64x3x32x32": ((64, 3, 32, 32), 100), "256x3x64x64": ((256, 3, 64, 64), 20)}
@@ -147,36 +148,9 @@ def proj(x, t):
 
 
 def hand_run(sampler, shape, steps, seed=0):
-    """The loop a user writes: Python-float coefficients and per-step t made before the timing,
-    plain eager expressions (the same loop as bench/test_bench_loop.py's hand loop, issue 17)."""
-    sde, ts = VPSDE(), ops.time_grid(steps)
-    t = list(ts.float()[:, None].expand(-1, shape[0]).unbind(0))
-    if sampler == "heun_ode":
-        h, b0, b1 = ts[:-1] - ts[1:], sde.beta(ts[:-1]), sde.beta(ts[1:])
-        hb, hb0, hb1 = (h * b0).tolist(), (0.5 * h * b0).tolist(), (0.5 * h * b1).tolist()
-    else:
-        C = ops.reverse_coefficients(sde, ts, 0.0 if sampler == "pf_ode" else 1.0)
-        cx, cs, cz = C["c_x"].tolist(), C["c_s"].tolist(), C["c_z"].tolist()
-        cT = ops.project_coefficients(sde, ts, ops.default_delta_p(steps)).tolist()
-
-    def run():
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        for i in range(steps):
-            s = score(x, t[i])
-            if sampler == "heun_ode":  # u = x + s reused: 8 tensor ops per step
-                u = x + s
-                x_p = x + hb[i] * u
-                x = x + hb0[i] * u + hb1[i] * (x_p + score(x_p, t[i + 1]))
-                continue
-            x_next = cx[i] * x + cs[i] * s
-            if sampler == "predict_project":
-                x_next = x_next + cT[i] * proj(x_next, t[i + 1])
-            if sampler != "pf_ode" and i < steps - 1:
-                x_next = x_next + cz[i] * torch.randn(shape, generator=g)
-            x = x_next
-        return x
-    return run
+    """The loop a user writes (bench/hand_loop.py, the baseline of issue 17's rows too), at the
+    default δp that sample() uses."""
+    return hand_loop(sampler, shape, steps, score, proj, delta_p=ops.default_delta_p(steps), seed=seed)
 
 
 # --- rows -------------------------------------------------------------------------------------------
