@@ -26,6 +26,8 @@ from wgfcore import ops
 from wgfcore.sample import FLAG_CLEAR, TorchSteps, euler_maruyama, heun_ode, predict_project, sample
 from wgfcore.sde import VPSDE
 
+from step_backend_checks import check_finite_flag
+
 try:
     import triton
     import triton.language as tl
@@ -345,27 +347,10 @@ def test_plan_path_equals_public_launchers(op, shape, n, seed, dtype, net_dtype,
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_plan_flags_nonfinite_network_outputs(bad):
-    """The pass checks the network output it reads (s, T, s') into finite_flag: the first bad step."""
+    """The pass checks the network output it reads (s, T, s') into finite_flag: the first bad step, also in a
+    network output of another dtype (taken through accept)."""
     assert cs.FLAG_CLEAR == FLAG_CLEAR
-    x = torch.randn(3, 5000)  # two groups: the bad element sits in the second
-    s_bad = x.clone()
-    s_bad[2, 4000] = bad
-    tables = {"predict": torch.ones(9, 2), "em": torch.ones(9, 3), "project": torch.ones(9, 2),
-              "heun": torch.ones(9, 4)}
-    plan = cs.CppSteps(1).plan(x, tables)
-    plan.em(x, x, "em", 2, True)
-    plan.heun(x, s_bad, x, x, "heun", 3)  # heun checks s' (its s went through predict first)
-    assert int(plan.finite_flag) == FLAG_CLEAR
-    plan.project(x, s_bad, "project", 5, False)
-    plan.predict(x, s_bad, "predict", 7)  # a later bad step does not overwrite the first
-    assert int(plan.finite_flag) == 5
-    plan.finite_flag.fill_(FLAG_CLEAR)
-    plan.heun(x, x, x, s_bad, "heun", 4)
-    plan.em(s_bad, x, "em", 1, True)  # the state is not a network output: not checked
-    assert int(plan.finite_flag) == 4
-    plan.finite_flag.fill_(FLAG_CLEAR)
-    plan.em(x, plan.accept(s_bad.half()), "em", 6, False)  # in a network output of another dtype too
-    assert int(plan.finite_flag) == 6
+    check_finite_flag(cs.CppSteps(1), bad, last_output=lambda plan, s: plan.accept(s.half()))
 
 
 def test_cppsteps_mirrors_torchsteps():
