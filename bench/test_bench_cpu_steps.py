@@ -16,7 +16,7 @@ with a distribution-free interval for that median (order statistics, >= 90% cove
   session's copy_ bandwidth, and two threads against one for the noisy EM step (>= 1.6x).
 
 One-thread targets are checked on CPU time (robust to other tenants), two-thread ones on wall time;
-the two-thread rows skip, naming the load, when the 1-minute load average leaves no core free.
+the two-thread rows skip, naming the load, when too few cores are idle just before the row.
 WGF_BENCH_ROUNDS raises the rounds (default 7) for a recorded run.
 """
 from __future__ import annotations
@@ -99,19 +99,42 @@ def with_threads(n, fn):
     return run
 
 
+def idle_cores(window_s: float = 0.5) -> float | None:
+    """Cores idle over the last `window_s`, from /proc/stat, measured while this process sleeps (so
+    its own threads of the previous row do not count, as they do in the load average); None where
+    /proc/stat does not exist."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total (USER_HZ ticks over all cores)
+    try:
+        i0, t0 = sample()
+        time.sleep(window_s)
+        i1, t1 = sample()
+    except OSError:
+        return None
+    return (os.cpu_count() or 1) * (i1 - i0) / max(1, t1 - t0)
+
+
 def load_note() -> dict:
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"loadavg_1min": round(load1, 2), "cpu_count": os.cpu_count()}
 
 
 def skip_without_free_cores(threads: int) -> None:
-    """Skip a multi-threaded row where its threads cannot all run: fewer cores, or a 1-minute load
-    average that leaves fewer than `threads` - 1 of them idle. There OpenMP threads wait on
+    """Skip a multi-threaded row where its threads cannot all run: fewer cores, or fewer than
+    `threads` - 1/2 cores idle over half a second before the row (the 1-minute load average where
+    /proc/stat is missing; it also counts this process's previous rows). There OpenMP threads wait on
     descheduled siblings and a ratio measures the machine's other tenants, not the kernels."""
-    note = load_note()
-    cores = note["cpu_count"] or 1
-    if cores < threads or cores - note["loadavg_1min"] < threads - 1:
-        pytest.skip(f"{threads} threads: load average {note['loadavg_1min']} on {cores} cores leaves no free core")
+    cores = os.cpu_count() or 1
+    idle = idle_cores()
+    if idle is None:
+        load = load_note()["loadavg_1min"]
+        idle, what = cores - load, f"load average {load}"
+    else:
+        what = f"{idle:.2f} cores idle"
+    if cores < threads or idle < threads - 0.5:
+        pytest.skip(f"{threads} threads: {what} of {cores} leaves no free core")
 
 
 # --- the contestants ------------------------------------------------------------------------------
