@@ -258,6 +258,8 @@ def _targets() -> list[Target]:
         t.append(Target("16", f"C++ EM step, {shape}, 2 threads against 1: >= 1.6x",
                         cpu_ratio([f"test_two_threads_vs_one[{shape}]"], at_least=1.6,
                                   key="speedup_2_threads_wall.median")))
+    t.append(Target("16", "`train/run.py --quick --fused` on a CPU: <= 1.1x the time of `--quick` (opt-in row)",
+                    cpu_ratio(["test_quick_fused_vs_quick"], at_most=1.1, key="fused_time_over_quick_wall.median")))
     for s in ("euler_maruyama", "pf_ode", "heun_ode"):
         t.append(Target("16", f"C++ steps, {s}, per-step host overhead at 64x2: no worse than the torch path",
                         cpu_ratio([f"test_host_overhead_64x2[{s}]"], at_least=1.0, key="speedup_vs_torch_cpu.median")))
