@@ -14,6 +14,7 @@ import torch
 
 import kernels
 from kernels import sampler_step as ks
+from kernels.optable import OPS
 from wgfcore import ops
 
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETED
@@ -27,9 +28,14 @@ def sync():
 BATCHES = [1, 16, 64, 256]  # x 3 x 64 x 64: one image (49 KB in fp32) to 256 images (12.6 MB)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ["triton", "eager", "compile"]
-# update -> (tensor inputs, coefficients, noisy)
 INTERPRETER_REASON = "Triton interpreter is a correctness mode, not a performance path"
-UPDATES = {"em": (2, 3, True), "project": (2, 2, True), "predict": (2, 2, False), "heun": (4, 4, False)}
+UPDATES = ("em", "project", "predict", "heun")  # kernels.optable names; noisy ones with their noise
+# One value per table column (kernels.optable), 0-d on the device as the samplers pass them.
+COEF_VALUES = (1.01, -0.02, 0.13, 0.5)
+
+
+def _coefs(update):
+    return [torch.tensor(v, device=DEVICE) for v in COEF_VALUES[:OPS[update].ncol]]
 
 
 def _params():
@@ -50,10 +56,11 @@ def _params():
 
 def _fn(update, impl):
     """The update as a function of (tensors, coefficients, step) -> new tensor."""
-    noisy = UPDATES[update][2]
-    oracle = {"em": ops.em_step, "project": ops.project, "predict": ops.predict, "heun": ops.heun_correct}[update]
+    spec = OPS[update]
+    noisy = spec.noise is not None
+    oracle = getattr(ops, spec.oracle)
     if impl == "triton":
-        kern = {"em": ks.em, "project": ks.project, "predict": ks.predict, "heun": ks.heun}[update]
+        kern = getattr(ks, update)
         if noisy:
             return lambda T, C, i: kern(*T, *C, seed=1, step=i)
         return lambda T, C, i: kern(*T, *C)
@@ -73,11 +80,9 @@ def _fn(update, impl):
 @pytest.mark.parametrize("update,impl,dname,B", list(_params()))
 def test_step(benchmark, copy_bandwidth, record_rates, update, impl, dname, B):
     dtype = DTYPES[dname]
-    n_t, n_c, _ = UPDATES[update]
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    T = [torch.randn((B, 3, 64, 64), generator=g, device=DEVICE, dtype=dtype) for _ in range(n_t)]
-    # 0-d device coefficients, as the samplers pass them (no host sync, no recompilation).
-    C = [torch.tensor(v, device=DEVICE) for v in (1.01, -0.02, 0.13, 0.5)[:n_c]]
+    T = [torch.randn((B, 3, 64, 64), generator=g, device=DEVICE, dtype=dtype) for _ in range(OPS[update].nt)]
+    C = _coefs(update)  # 0-d device coefficients: no host sync, no recompilation
     fn = _fn(update, impl)
     numel = T[0].numel()
     calls = max(1, min(100, (1 << 24) // numel)) if ON_GPU else 3
@@ -90,7 +95,7 @@ def test_step(benchmark, copy_bandwidth, record_rates, update, impl, dname, B):
 
     run()  # compile / autotune / first-launch costs stay out of the timing
     benchmark.pedantic(run, rounds=20 if ON_GPU else 5, warmup_rounds=2 if ON_GPU else 1)
-    nbytes = ks.BYTES_PER_ELEMENT[update] * numel * T[0].element_size()
+    nbytes = OPS[update].bytes_per_element() * numel * T[0].element_size()
     record_rates(benchmark, calls=calls, nbytes=nbytes, copy_bw=copy_bandwidth,
                  update=update, impl=impl, dtype=dname, shape=[B, 3, 64, 64])
 
@@ -111,9 +116,8 @@ def _large_params():
 def test_step_large(benchmark, copy_bandwidth, record_rates, update, dname):
     """The public kernel at 2^27 elements, as a share of the same session's copy bandwidth."""
     dtype = DTYPES[dname]
-    n_t, n_c, _ = UPDATES[update]
-    T = [torch.empty(LARGE, device=DEVICE, dtype=dtype).normal_() for _ in range(n_t)]
-    C = [torch.tensor(v, device=DEVICE) for v in (1.01, -0.02, 0.13, 0.5)[:n_c]]
+    T = [torch.empty(LARGE, device=DEVICE, dtype=dtype).normal_() for _ in range(OPS[update].nt)]
+    C = _coefs(update)
     fn = _fn(update, "triton")
     calls = 5
 
@@ -124,7 +128,7 @@ def test_step_large(benchmark, copy_bandwidth, record_rates, update, dname):
 
     run()
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    nbytes = ks.BYTES_PER_ELEMENT[update] * LARGE * T[0].element_size()
+    nbytes = OPS[update].bytes_per_element() * LARGE * T[0].element_size()
     record_rates(benchmark, calls=calls, nbytes=nbytes, copy_bw=copy_bandwidth,
                  update=update, impl="triton", dtype=dname, shape=[LARGE])
 

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from . import INTERPRETED
 from ._common import SUPPORTED_DTYPES, check_device, check_dtype
+from .optable import OPS, StepOp
 
-__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R",
-           "BYTES_PER_ELEMENT"]
+__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R"]
 
 # Noise layout. One Philox4x32-10 call on counter c yields four normals (two Box-Muller pairs);
 # they go to elements g*4R + k*R + r (k = 0..3) where c = g*R + r. So four elements share one
@@ -49,16 +49,6 @@ FLAG_CLEAR = 2**62
 # Storage dtypes of the step kernels: the attention set plus float64 (stored in fp64, computed
 # in fp32 exactly as wgfcore.ops does, so that backend="triton" accepts what "torch" accepts).
 STEP_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
-
-# Minimum bytes moved per element, in units of the storage element size: inputs read once,
-# output written once, in-kernel noise reads nothing. Used by the benchmarks for GB/s.
-BYTES_PER_ELEMENT = {
-    "predict": 3,            # x, s -> x_pred
-    "em": 3,                 # x, s -> x  (noise in-kernel; 4 with an explicit z)
-    "project": 3,            # x_pred, T -> x  (noise in-kernel; 4 with an explicit z)
-    "heun": 5,               # x, s, x', s' -> x
-}
-
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -227,7 +217,14 @@ def _launch_config(numel: int) -> tuple[int, int]:
 # Python-side values of the modes (the launchers compare and pass plain ints).
 _VALUE, _SCALAR_PTR, _SAMPLE_PTR = COEF_VALUE.value, COEF_SCALAR_PTR.value, COEF_SAMPLE_PTR.value
 _NO_NOISE, _EXPLICIT, _PHILOX = NOISE_NONE.value, NOISE_EXPLICIT.value, NOISE_PHILOX.value
-_CHECK_T1, _CHECK_T3 = CHECK_T1.value, CHECK_T3.value
+_CHECKS = {1: CHECK_T1.value, 3: CHECK_T3.value}  # kernels.optable's `checked` -> the kernel's CHECK
+
+
+def _pack(spec: StepOp, tab: torch.Tensor) -> torch.Tensor:
+    """A sampler table (N, spec.ncol) as the table kernel's (N, NT + 1) fp32 rows (kernels.optable)."""
+    tab = tab.to(torch.float32)
+    cols = [tab[:, k] if isinstance(k, int) else tab.new_full((tab.shape[0],), k) for k in spec.kernel_columns()]
+    return torch.stack(cols, 1).contiguous()
 
 
 def _check_tensors(op: str, named: dict[str, torch.Tensor]):
@@ -298,8 +295,13 @@ def _check_key(op: str, seed, step):
     return int(seed), int(step)
 
 
-def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, step=None, out=None):
-    """Validate, then one launch of `_affine_kernel` computing sum_k c_k t_k (+ c_z z)."""
+def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=None, out=None):
+    """Validate, then one launch of `_affine_kernel` computing sum_k a_k t_k (+ c_z z).
+
+    `coefs` are `spec.columns` in order; the noise column may be None (no noise term).
+    """
+    op = spec.name
+    c_z = coefs[spec.columns.index(spec.noise)] if spec.noise is not None else None
     if c_z is None:
         if z is not None:
             raise ValueError(f"{op}: z was given but c_z is None; pass c_z to inject noise")
@@ -312,7 +314,7 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
         if seed is None or step is None:
             raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
         noise = _PHILOX
-    named = dict(tensors)
+    named = dict(zip(spec.tensors, tensors))
     if noise == _EXPLICIT:
         named["z"] = z
     if out is not None:
@@ -322,10 +324,10 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
         seed, step = _check_key(op, seed, step)
     else:
         seed, step = 0, 0
-    args = [_coef_arg(op, n, c, x) for n, c in coefs.items()]
-    args += [_coef_arg(op, "c_z", c_z, x) if noise != _NO_NOISE else (0.0, 0, _VALUE)]
-    while len(args) < 5:  # unused coefficient slots (NT < 4) before c_z
-        args.insert(len(args) - 1, (0.0, 0, _VALUE))
+    by_name = dict(zip(spec.columns, coefs))
+    args = [_coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), 0, _VALUE) for a in spec.scales]
+    args += [(0.0, 0, _VALUE)] * (4 - spec.nt)  # unused coefficient slots (NT < 4)
+    args.append(_coef_arg(op, spec.noise, c_z, x) if noise != _NO_NOISE else (0.0, 0, _VALUE))
 
     if out is None:
         out = torch.empty_like(x)
@@ -333,9 +335,8 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
     if numel == 0:
         return out
     # Tensors go to the kernel as they are (it reads data pointers; no autograd is involved).
-    ts = list(tensors.values())
-    nt = len(ts)
-    ts += [ts[0]] * (4 - nt)  # unused pointer slots, never loaded (NT is constexpr)
+    ts = list(tensors)
+    ts += [ts[0]] * (4 - spec.nt)  # unused pointer slots, never loaded (NT is constexpr)
     z_arg = z if noise == _EXPLICIT else ts[0]
     per_sample = any(mode == _SAMPLE_PTR for _, _, mode in args)
     groups, num_warps = _launch_config(numel)
@@ -346,14 +347,14 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
         out, ts[0], ts[1], ts[2], ts[3], z_arg,
         *(a for a, _, _ in args), *(s for _, s, _ in args),
         numel, numel // x.shape[0], seed, step,
-        NT=nt, NOISE=noise, M0=args[0][2], M1=args[1][2], M2=args[2][2], M3=args[3][2], MZ=args[4][2],
+        NT=spec.nt, NOISE=noise, M0=args[0][2], M1=args[1][2], M2=args[2][2], M3=args[3][2], MZ=args[4][2],
         PER_SAMPLE=per_sample, R=NOISE_R, GROUPS=groups, num_warps=num_warps,
     )
     return out
 
 
 # --------------------------------------------------------------------------------------
-# Public launchers, one per update of wgfcore.ops
+# Public launchers, one per update of kernels.optable (and of wgfcore.ops)
 # --------------------------------------------------------------------------------------
 # Coefficients: python numbers, 0-d tensors or (B,) tensors on the tensors' device (any floating
 # dtype; loaded and used in fp32). Tensors: one shape (B, ...), one dtype (fp32/fp16/bf16), one
@@ -364,7 +365,7 @@ def _launch(op: str, tensors: dict, coefs: dict, c_z=None, z=None, seed=None, st
 
 def predict(x, s, c_x, c_s, *, out=None) -> torch.Tensor:
     """x_pred = c_x x + c_s s (mirrors `wgfcore.ops.predict`). 3 element-sizes of traffic per element."""
-    return _launch("predict", {"x": x, "s": s}, {"c_x": c_x, "c_s": c_s}, out=out)
+    return _launch(OPS["predict"], (x, s), (c_x, c_s), out=out)
 
 
 def em(x, s, c_x, c_s, c_z=None, *, z=None, seed=None, step=None, out=None) -> torch.Tensor:
@@ -374,7 +375,7 @@ def em(x, s, c_x, c_s, c_z=None, *, z=None, seed=None, step=None, out=None) -> t
     given explicitly, or drawn in-kernel from Philox keyed by (seed, step, element offset):
     the same (seed, step) gives the same z, another step or seed an independent one.
     """
-    return _launch("em", {"x": x, "s": s}, {"c_x": c_x, "c_s": c_s}, c_z, z, seed, step, out)
+    return _launch(OPS["em"], (x, s), (c_x, c_s, c_z), z, seed, step, out)
 
 
 def project(x_pred, T, c_T, c_z=None, *, z=None, seed=None, step=None, out=None) -> torch.Tensor:
@@ -382,28 +383,17 @@ def project(x_pred, T, c_T, c_z=None, *, z=None, seed=None, step=None, out=None)
 
     Noise as in `em`; c_z None: no noise.
     """
-    return _launch("project", {"x_pred": x_pred, "T": T}, {"c_xpred": 1.0, "c_T": c_T}, c_z, z, seed, step, out)
+    return _launch(OPS["project"], (x_pred, T), (c_T, c_z), z, seed, step, out)
 
 
 def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
     """x <- c_x x + c_s s + c_xp x' + c_sp s' (mirrors `wgfcore.ops.heun_correct`). 5 element-sizes per element."""
-    return _launch("heun", {"x": x, "s": s, "x_p": x_p, "s_p": s_p},
-                   {"c_x": c_x, "c_s": c_s, "c_xp": c_xp, "c_sp": c_sp}, out=out)
+    return _launch(OPS["heun"], (x, s, x_p, s_p), (c_x, c_s, c_xp, c_sp), out=out)
 
 
 # --------------------------------------------------------------------------------------
 # The sampling loop's backend: validate once per run, then launch with pre-bound arguments
 # --------------------------------------------------------------------------------------
-
-# Each update's coefficient table as the sampler hands it over (columns), and how many state
-# tensors it combines. The kernel's table has NT + 1 columns: one per tensor, then the noise's.
-_TABLES = {
-    "predict": ("c_x, c_s", 2),
-    "em": ("c_x, c_s, c_z", 2),
-    "project": ("c_T, c_z", 2),
-    "heun": ("c_x, c_s, c_xp, c_sp", 4),
-}
-
 
 class TritonSteps:
     """Step backend for `wgfcore.sample` with the fused kernels (the protocol of `wgfcore.ops.TorchSteps`).
@@ -443,24 +433,17 @@ class TritonSteps:
             raise ValueError(f"TritonSteps: built for {self.device}, got a state on {x.device}")
         packed = {}
         for name, tab in tables.items():
-            if name not in _TABLES:
-                raise ValueError(f"TritonSteps: unknown coefficient table {name!r}; known: {sorted(_TABLES)}")
-            cols, nt = _TABLES[name]
-            ncol = cols.count(",") + 1
-            if not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != ncol or not tab.is_floating_point():
-                raise ValueError(f"TritonSteps: table {name!r} must be a floating (N, {ncol}) tensor with columns "
+            spec = OPS.get(name)
+            if spec is None:
+                raise ValueError(f"TritonSteps: unknown coefficient table {name!r}; known: {sorted(OPS)}")
+            cols = ", ".join(spec.columns)
+            if (not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != spec.ncol
+                    or not tab.is_floating_point()):
+                raise ValueError(f"TritonSteps: table {name!r} must be a floating (N, {spec.ncol}) tensor with columns "
                                  f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
             if tab.device != x.device:
                 raise ValueError(f"TritonSteps: table {name!r} is on {tab.device}, the state on {x.device}")
-            tab = tab.to(torch.float32)
-            n = tab.shape[0]
-            if name == "predict":
-                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
-            elif name == "project":  # x_pred enters with coefficient 1, exactly as in wgfcore.ops.project
-                tab = torch.cat([tab.new_ones(n, 1), tab], 1)
-            elif name == "heun":
-                tab = torch.cat([tab, tab.new_zeros(n, 1)], 1)
-            packed[name] = (tab.contiguous(), n)
+            packed[name] = (_pack(spec, tab), tab.shape[0])
         seed = self.seed
         if torch.is_tensor(seed):
             if seed.device != x.device:
@@ -473,9 +456,9 @@ class TritonSteps:
         self._numel = x.numel()
         groups, num_warps = _launch_config(self._numel)
         self._run = _table_kernel[(max(1, -(-self._numel // (_GROUP * groups))),)]
-        self._kw = {(nt, noise, check): dict(NT=nt, NOISE=noise, R=NOISE_R, GROUPS=groups, num_warps=num_warps,
-                                             CHECK=check)
-                    for nt in (2, 4) for noise in (_NO_NOISE, _PHILOX) for check in (_CHECK_T1, _CHECK_T3)}
+        self._kw = {(op, noisy): dict(NT=spec.nt, NOISE=_PHILOX if noisy else _NO_NOISE, CHECK=_CHECKS[spec.checked],
+                                      R=NOISE_R, GROUPS=groups, num_warps=num_warps)
+                    for op, spec in OPS.items() for noisy in ((False, True) if spec.noise else (False,))}
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
@@ -489,29 +472,29 @@ class TritonSteps:
             t = t.float()
         return t if t.is_contiguous() else t.contiguous()
 
-    def _step(self, name, i, t0, t1, t2, t3, nt, noise, check):
-        tab, n = self._tables[name]
+    def _step(self, table, i, t0, t1, t2, t3, op, noisy):
+        tab, n = self._tables[table]
         if not 0 <= i < n:
-            raise IndexError(f"TritonSteps: step {i} outside the planned table {name!r} of {n} rows")
+            raise IndexError(f"TritonSteps: step {i} outside the planned table {table!r} of {n} rows")
         out = torch.empty_like(t0)
         if self._numel:
             self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
-                      **self._kw[(nt, noise, check)])
+                      **self._kw[(op, noisy)])
         return out
 
-    # The second tensor of predict/em/project and the fourth of heun are network outputs:
-    # the kernel checks them for NaN/inf into finite_flag.
+    # The network output of each update (kernels.optable: `checked`) is checked for NaN/inf
+    # into finite_flag by the kernel that reads it anyway.
     def predict(self, x, s, table: str, i: int):
-        return self._step(table, i, x, s, x, x, 2, _NO_NOISE, _CHECK_T1)
+        return self._step(table, i, x, s, x, x, "predict", False)
 
     def em(self, x, s, table: str, i: int, noisy: bool):
-        return self._step(table, i, x, s, x, x, 2, _PHILOX if noisy else _NO_NOISE, _CHECK_T1)
+        return self._step(table, i, x, s, x, x, "em", bool(noisy))
 
     def project(self, x_pred, T, table: str, i: int, noisy: bool):
-        return self._step(table, i, x_pred, T, x_pred, x_pred, 2, _PHILOX if noisy else _NO_NOISE, _CHECK_T1)
+        return self._step(table, i, x_pred, T, x_pred, x_pred, "project", bool(noisy))
 
     def heun(self, x, s, x_p, s_p, table: str, i: int):
-        return self._step(table, i, x, s, x_p, s_p, 4, _NO_NOISE, _CHECK_T3)
+        return self._step(table, i, x, s, x_p, s_p, "heun", False)
 
     def __repr__(self):
         seed = "<device tensor>" if torch.is_tensor(self.seed) else self.seed

@@ -138,14 +138,17 @@ def test_score_error_profile():
 
 @pytest.mark.slow
 def test_kwon_experiment_small(tmp_path):
-    # the seconds-long version of train/kwon_bound.py: both configurations, every output written
+    # the seconds-long version of `train/run.py kwon`: both configurations, every output written
     import csv
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "train"))
-    import kwon_bound
 
-    res = kwon_bound.main(["--small", "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "doc.md"),
-                           "--figures", str(tmp_path / "fig")])
+    from train.experiments import kwon_bound
+    from train.run import main, parser
+
+    def experiment(*argv):
+        return kwon_bound.experiment(parser().parse_args(["kwon", *argv]))
+
+    res = experiment("--small", "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "doc.md"),
+                     "--figures", str(tmp_path / "fig"))
     rows = list(csv.DictReader(open(tmp_path / "out" / "kwon_bound.csv")))
     assert {r["config"] for r in rows} == {"kwon", "ours"} and len(rows) == 2 * 3
     assert all(float(r["J_g2"]) > 0 and float(r["J_sigma2"]) > 0 for r in rows)
@@ -158,9 +161,7 @@ def test_kwon_experiment_small(tmp_path):
     fl = res["ours"][0]
     assert fl["iid_W2_modes"][0] < 0.2 * fl["iid_W2_all"][0]
     # --render rebuilds the table from the run's CSV and floors without training
-    again = kwon_bound.main(["--small", "--render", str(tmp_path / "out"), "--doc", str(tmp_path / "re.md")])
+    again = experiment("--small", "--render", str(tmp_path / "out"), "--doc", str(tmp_path / "re.md"))
     assert again["kwon"][2]["fit"] == res["kwon"][2]["fit"]
     assert (tmp_path / "re.md").read_text().count("| 0 |") == len(rows)
-    with pytest.raises(SystemExit) as e:
-        kwon_bound.main(["--configs", "kwon,nope"])
-    assert e.value.code == 2
+    assert main(["kwon", "--configs", "kwon,nope", "--out", str(tmp_path / "bad")]) == 2

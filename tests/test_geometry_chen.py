@@ -1,6 +1,7 @@
-"""Chen et al.'s statistics on a trained model (train/chen_trajectories.py, ALGORITHMS §5): the score
-deviation, the path statistics against closed forms, ODE-jump outputs, the run loader and its errors,
-and one end-to-end run on a tiny untrained U-Net. Also the renamed memorising study (train/chen_optimal.py)."""
+"""Chen et al.'s statistics on a trained model (`train/run.py chen`, train/experiments/chen_trajectories.py,
+ALGORITHMS §5): the score deviation, the path statistics against closed forms, ODE-jump outputs, the run
+loader and its errors, and one end-to-end run on a tiny untrained U-Net. Also the memorising study
+(`train/run.py chen-optimal`)."""
 import csv
 import json
 import math
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from train import chen_trajectories as ct
-from train.checkpoint import save_checkpoint
+from train.engine.checkpoint import save_checkpoint, training_state
+from train.engine.config import Config
+from train.engine.distributed import Dist
+from train.engine.networks import build_nets
+from train.experiments import chen_trajectories as ct
+from train.run import main
 from wgfcore.denoisers import optimal_denoiser
 from wgfcore.edm import ode_jump, trajectories
 from wgfcore.geometry import score_deviation
@@ -19,20 +24,22 @@ from wgfcore.sde import VPSDE, karras_sigmas
 TINY_NET = {"model_channels": 8, "head_channels": 8, "channel_mult": [1, 2]}
 
 
-def tiny_run(path, step=3, iterations=3, **cfg_over):
-    """A run folder in train/run.py's layout (config.json, checkpoints/last.pt with 'ema_eps') holding an
-    untrained tiny U-Net."""
-    from wgfcore.nets import UNet
-
+def tiny_run(path, step=3, iterations=3, weights_net=None, **cfg_over):
+    """A run folder in train/run.py's layout (config.json, checkpoints/last.pt, a training checkpoint)
+    holding untrained tiny U-Nets (with `weights_net`, the weights of a U-Net of those `net` arguments)."""
     cfg = {"dataset": "digits", "preset": "tiny", "net": TINY_NET, "resolution": 16, "channels": 1,
-           "iterations": iterations, "eval": {"classifier_epochs": 1}, **cfg_over}
+           "iterations": iterations, "batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "delta_tau": 0.05,
+           "proj_weight": 1.0, "num_workers": 0, "log_every": 1, "ckpt_every": 1, "grad_clip": 1.0, "seed": 0,
+           "eval": {"metric": "digits-fd", "rows": ["em"], "steps": [2], "samples": 4, "batch": 4,
+                    "classifier_epochs": 1}, **cfg_over}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
-    net = UNet.from_preset("tiny", img_resolution=16, in_channels=cfg["channels"],
-                           **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_NET.items()})
-    save_checkpoint({"step": step, "config": cfg, "ema_eps": net.state_dict()}, path / "checkpoints", step)
-    return path, net
+    c = Config.from_dict(cfg)
+    eps, proj = build_nets(c if weights_net is None else c.with_changes(net=weights_net))
+    opt = torch.optim.Adam(list(eps.parameters()) + list(proj.parameters()))
+    save_checkpoint(training_state(step, c, Dist(), eps, proj, eps, proj, opt, {}), path / "checkpoints", step)
+    return path, eps
 
 
 # --- score deviation --------------------------------------------------------------------------------
@@ -151,44 +158,45 @@ def test_fd_bootstrap_is_paired_and_finds_the_first_jump_within_noise():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 def _main_err(argv, capsys):
-    rc = ct.main(argv)
+    try:
+        rc = main(["chen", *argv])
+    except SystemExit as e:  # argparse's own errors (one line: train.engine.cli.Parser)
+        rc = e.code
     err = capsys.readouterr().err.strip()
     return rc, err
 
 
 def test_command_errors_are_one_line_exit_2(tmp_path, capsys):
     cases = [([], "--run"), (["--run", str(tmp_path / "nope")], "no such folder"),
-             (["--run", str(tmp_path)], "no config.json")]
+             (["--run", str(tmp_path)], "no readable checkpoint")]
     r, _ = tiny_run(tmp_path / "unfinished", step=1, iterations=3)
     cases.append((["--run", str(r)], "not finished"))
     empty = tmp_path / "starting"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"preset": "tiny", "resolution": 16, "channels": 1, "iterations": 3}))
-    cases.append((["--run", str(empty)], "no checkpoint"))
-    rgb, _ = tiny_run(tmp_path / "rgb", channels=3)
+    cases.append((["--run", str(empty)], "no readable checkpoint"))
+    rgb, _ = tiny_run(tmp_path / "rgb", dataset="svhn", channels=3)
     cases.append((["--run", str(rgb)], "digits-FD is defined for the 1x16x16 digits"))
-    wide, _ = tiny_run(tmp_path / "wide")
-    cfg = json.loads((wide / "config.json").read_text())
-    (wide / "config.json").write_text(json.dumps({**cfg, "net": {**TINY_NET, "model_channels": 16}}))
-    cases.append((["--run", str(wide)], "does not fit"))  # config.json's network is not the checkpoint's
+    wide, _ = tiny_run(tmp_path / "wide", weights_net={**TINY_NET, "model_channels": 16})
+    cases.append((["--run", str(wide)], "do not fit"))  # the checkpoint's weights are not its config's network
     cases.append((["--run", str(r), "--steps", "1"], "--steps"))
     for argv, needle in cases:
         rc, err = _main_err(argv, capsys)
         assert rc == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
-    cfg, net, step = ct.load_run(r, allow_unfinished=True)
-    assert step == 1 and cfg["iterations"] == 3
+    cfg, net, step = ct.load_digits_run(r, allow_unfinished=True)
+    assert step == 1 and cfg.iterations == 3
 
 
 def test_command_end_to_end_on_a_tiny_untrained_unet(tmp_path, monkeypatch):
-    from train import digits_classifier
+    from train.evaluation import digits_classifier
 
     # an untrained feature net stands in for the classifier (its training is train/'s business, and slow)
     monkeypatch.setattr(digits_classifier, "train_classifier", lambda *a, **k: (digits_classifier.DigitsNet(1, 16), 0.1))
     run, _ = tiny_run(tmp_path / "runs" / "tiny")
     out, figs, md = tmp_path / "out", tmp_path / "figs", tmp_path / "docs" / "chen.md"
     N = 3
-    rc = ct.main(["--run", str(run), "--out", str(out), "--figures", str(figs), "--markdown", str(md),
-                  "--samples", "40", "--steps", str(N), "--bootstrap", "5", "--floor-draws", "3", "--no-progress"])
+    rc = main(["chen", "--run", str(run), "--out", str(out), "--figures", str(figs), "--markdown", str(md),
+               "--samples", "40", "--steps", str(N), "--bootstrap", "5", "--floor-draws", "3", "--no-progress"])
     assert rc == 0
     rows = list(csv.DictReader(open(out / "chen.csv")))
     assert [int(r["k"]) for r in rows] == list(range(N + 1))
@@ -209,10 +217,11 @@ def test_command_end_to_end_on_a_tiny_untrained_unet(tmp_path, monkeypatch):
 
 
 def test_chen_optimal_memorises_on_digits_and_2d(tmp_path):
-    from train import chen_optimal
+    from train.experiments import chen_optimal
+    from train.run import parser
 
-    S = chen_optimal.main(["--out", str(tmp_path), "--steps", "4", "--n-digits", "3", "--n-2d-data", "20",
-                           "--n-2d", "3", "--no-progress"])
+    S = chen_optimal.study(parser().parse_args(["chen-optimal", "--out", str(tmp_path), "--steps", "4", "--n-digits",
+                                                "3", "--n-2d-data", "20", "--n-2d", "3", "--no-progress"]))
     # at sigma_{N-1} = 0.002 the mean-shift weights are one-hot, and the last Euler step lands on D*: a
     # training sample to float64 rounding
     for s in S.values():

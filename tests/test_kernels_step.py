@@ -16,6 +16,7 @@ from scipy import stats
 
 import kernels
 from kernels import sampler_step as ks
+from kernels.optable import OPS as STEP_OPS
 from wgfcore import ops
 from wgfcore.metrics import gaussian_fit, w2_gaussian
 from wgfcore.sample import TorchSteps, make_steps, sample
@@ -53,45 +54,41 @@ def coef64(c, x):
     return c if c.ndim == 0 else c.view(-1, *([1] * (x.ndim - 1)))
 
 
-# Each case: (kernel call, oracle call, [(coefficient, tensor) terms]), given tensors and coefficients.
-OPS = {
-    "predict": (2, 2, False),  # (tensors, coefficients, has noise)
-    "em": (2, 2, True),
-    "em_no_noise": (2, 2, False),
-    "project": (2, 1, True),
-    "project_no_noise": (2, 1, False),
-    "heun": (4, 4, False),
-}
+# Each case: an update of kernels.optable, with or without its noise term.
+CASES = {(name if noisy or not spec.noise else f"{name}_quiet"): (spec, noisy)
+         for name, spec in STEP_OPS.items() for noisy in ((False, True) if spec.noise else (False,))}
+
+
+def terms_of(spec, T, C, z):
+    """[(coefficient, tensor)] of the update's sum, constants (project's 1 for x_pred) included."""
+    by = dict(zip(spec.columns, C))
+    terms = [(by[a] if isinstance(a, str) else a, t) for a, t in zip(spec.scales, T)]
+    return terms + ([(by[spec.noise], z)] if z is not None else [])
 
 
 def run_case(name, T, C, z):
-    """(kernel output, oracle output, [(coef, tensor)] terms of the sum) for op `name`."""
-    if name == "predict":
-        return ks.predict(T[0], T[1], *C), ops.predict(T[0], T[1], *C), list(zip(C, T))
-    if name == "em":
-        return (ks.em(T[0], T[1], C[0], C[1], C[2], z=z), ops.em_step(T[0], T[1], z, *C),
-                list(zip(C, [T[0], T[1], z])))
-    if name == "em_no_noise":
-        return ks.em(T[0], T[1], *C), ops.em_step(T[0], T[1], None, *C, None), list(zip(C, T))
-    if name == "project":
-        return (ks.project(T[0], T[1], C[0], C[1], z=z), ops.project(T[0], T[1], z, *C),
-                list(zip([1.0, *C], [T[0], T[1], z])))
-    if name == "project_no_noise":
-        return ks.project(T[0], T[1], C[0]), ops.project(T[0], T[1], None, C[0], None), list(zip([1.0, *C], T))
-    if name == "heun":
-        return ks.heun(*T, *C), ops.heun_correct(*T, *C), list(zip(C, T))
-    raise AssertionError(name)
+    """(kernel output, oracle output, [(coef, tensor)] terms of the sum) for case `name`.
+
+    C holds one value per table column (None for the noise column of a quiet case); z is the
+    explicit noise of a noisy case, else None. Both calls follow kernels.optable's argument order.
+    """
+    spec, noisy = CASES[name]
+    kern, oracle = getattr(ks, spec.name), getattr(ops, spec.oracle)
+    got = kern(*T, *C, z=z) if noisy else kern(*T, *(c for c in C if c is not None))
+    want = oracle(*T, *([z] if spec.noise else []), *C)
+    return got, want, terms_of(spec, T, C, z)
 
 
 def draw_case(data, dtype):
-    name = data.draw(st.sampled_from(sorted(OPS)), label="op")
+    name = data.draw(st.sampled_from(sorted(CASES)), label="op")
     shape = data.draw(shapes, label="shape")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
-    n_t, n_c, noisy = OPS[name]
+    spec, noisy = CASES[name]
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
-    T = [torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) for _ in range(n_t)]
-    C = [make_coef(data.draw(coef_kinds, label=f"c{i}"), shape[0], rng) for i in range(n_c + noisy)]
+    T = [torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) for _ in range(spec.nt)]
+    C = [None if col == spec.noise and not noisy else make_coef(data.draw(coef_kinds, label=col), shape[0], rng)
+         for col in spec.columns]
     z = torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) if noisy else None
     return name, T, C, z
 
@@ -235,35 +232,38 @@ def test_tritonsteps_mirrors_torchsteps():
 
 # --- the sampling loop's path: validate once (plan), then pre-bound launches ---------------------
 
-PLAN_OPS = {  # update -> (tensors, table columns, noisy)
-    "predict": (2, 2, False), "em": (2, 3, True), "em_quiet": (2, 3, False),
-    "project": (2, 2, True), "project_quiet": (2, 2, False), "heun": (4, 4, False),
-}
-
-
 @settings(max_examples=15)
-@given(op=st.sampled_from(sorted(PLAN_OPS)), shape=shapes, n=st.integers(1, 4), seed=st.integers(0, 2**32 - 1),
+@given(case=st.sampled_from(sorted(CASES)), shape=shapes, n=st.integers(1, 4), seed=st.integers(0, 2**32 - 1),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]), data=st.data())
-def test_plan_path_equals_public_kernels_bitwise(op, shape, n, seed, dtype, data):
+def test_plan_path_equals_public_kernels_bitwise(case, shape, n, seed, dtype, data):
     """TritonSteps (table kernel, seed on the device) and the public launchers share `_tile`: same bits."""
-    n_t, n_c, noisy = PLAN_OPS[op]
+    spec, noisy = CASES[case]
     g = torch.Generator().manual_seed(seed % 2**31)
-    T = [torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) for _ in range(n_t)]
-    table = torch.randn(n, n_c, generator=g, dtype=torch.float64).to(DEVICE)
+    T = [torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE) for _ in range(spec.nt)]
+    table = torch.randn(n, spec.ncol, generator=g, dtype=torch.float64).to(DEVICE)
     i = data.draw(st.integers(0, n - 1), label="step")
-    name = op.split("_")[0]
-    plan = ks.TritonSteps(seed).plan(T[0], {name: table})
-    c = [v for v in table[i].to(torch.float32).unbind()]
+    plan = ks.TritonSteps(seed).plan(T[0], {spec.name: table})
+    c = [None if col == spec.noise and not noisy else v
+         for col, v in zip(spec.columns, table[i].to(torch.float32).unbind())]
     key = dict(seed=seed, step=i) if noisy else {}
-    if name == "predict":
-        got, want = plan.predict(*T, name, i), ks.predict(*T, *c)
-    elif name == "em":
-        got, want = plan.em(*T, name, i, noisy), ks.em(*T, c[0], c[1], c[2] if noisy else None, **key)
-    elif name == "project":
-        got, want = plan.project(*T, name, i, noisy), ks.project(*T, c[0], c[1] if noisy else None, **key)
-    else:
-        got, want = plan.heun(*T, name, i), ks.heun(*T, *c)
+    step_args = (spec.name, i, noisy) if spec.noise else (spec.name, i)
+    got = getattr(plan, spec.name)(*T, *step_args)
+    want = getattr(ks, spec.name)(*T, *(v for v in c if v is not None), **key)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_op_table_matches_the_launchers_and_the_oracle():
+    """kernels.optable names each launcher's and oracle's arguments in their real order."""
+    for spec in STEP_OPS.values():
+        kern = list(inspect.signature(getattr(ks, spec.name)).parameters)
+        assert kern[:spec.nt + spec.ncol] == [*spec.tensors, *spec.columns], spec.name
+        oracle = list(inspect.signature(getattr(ops, spec.oracle)).parameters)
+        assert oracle == [*spec.tensors, *(["z"] if spec.noise else []), *spec.columns], spec.name
+        assert callable(getattr(ks.TritonSteps, spec.name)), spec.name
+    assert STEP_OPS["project"].kernel_row((0.5, 0.25)) == (1.0, 0.5, 0.25)
+    assert STEP_OPS["predict"].kernel_row((2.0, 3.0)) == (2.0, 3.0, 0.0)
+    assert [s.bytes_per_element() for s in STEP_OPS.values()] == [3, 3, 3, 5]
+    assert STEP_OPS["em"].bytes_per_element(explicit_z=True) == 4
 
 
 def test_plan_accepts_network_outputs_of_other_dtypes_and_layouts():

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from train import checkpoint as ckpt
-from train import training_loop
+from train.engine import checkpoint as ckpt
+from train.engine.config import Config
+from train.jobs import image_training as training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ class StandIn(nn.Module):
 
 
 def make_nets(cfg):
-    return StandIn(cfg["channels"]), StandIn(cfg["channels"])
+    return StandIn(cfg.channels), StandIn(cfg.channels)
 
 
 def _cfg(**over):
@@ -48,12 +49,12 @@ def _cfg(**over):
            "sample_every": 0, "ckpt_every": 2, "snapshot_every": 4, "seed": 3,
            "eval": {"metric": "digits-fd", "rows": ["em"], "steps": [2], "samples": 4, "batch": 4, "grid": 4}}
     cfg.update(over)
-    return cfg
+    return Config.from_dict(cfg)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from train.datasets import make_dataset
+    from train.data.datasets import make_dataset
 
     return make_dataset("digits", None, 16)
 
@@ -91,7 +92,7 @@ def test_checkpoint_contents_load_weights_only(tmp_path, digits):
     path = tmp_path / "checkpoints" / "last.pt"
     state = torch.load(path, weights_only=True)
     assert set(state) >= {"step", "config", "world_size", "eps", "proj", "ema_eps", "ema_proj", "optimizer", "rng"}
-    assert state["step"] == 2 and state["config"] == cfg and state["world_size"] == 1
+    assert state["step"] == 2 and state["config"] == cfg.data and state["world_size"] == 1
     rng = state["rng"][0]
     assert set(rng) >= {"torch_cpu", "numpy", "python", "generators"} and "loss_noise" in rng["generators"]
     # EMA differs from the raw weights after a step with decay 0.9
@@ -133,7 +134,7 @@ def test_sigkill_mid_write_keeps_last_good(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from train import checkpoint as ckpt
+        from train.engine import checkpoint as ckpt
         ckpt.save_checkpoint({{"step": 1, "w": torch.arange(4.0)}}, {str(tmp_path)!r}, 1)
         real = torch.save
         def slow_save(obj, f, *a, **k):

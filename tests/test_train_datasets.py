@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.datasets import CelebA, DatasetError, LSUNChurch, SVHN, load_digits_tensor, make_dataset
+from train.data.datasets import CelebA, LSUNChurch, SVHN, load_digits_tensor, make_dataset
+from train.engine.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 

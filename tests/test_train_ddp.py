@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from train import distributed as D
-from train.data_order import batch_indices
+from train.engine import distributed as D
+from train.data.order import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train import fid
+from train.evaluation import fid
 
 
 
@@ -92,8 +92,8 @@ def test_missing_weights_message(tmp_path, monkeypatch, capsys):
 
 
 def test_digits_classifier_features_and_fd(tmp_path, monkeypatch):
-    from train import digits_classifier as dc
-    from train.datasets import load_digits_tensor
+    from train.evaluation import digits_classifier as dc
+    from train.data.datasets import load_digits_tensor
 
     net, acc = dc.get_classifier(tmp_path, epochs=6)
     assert acc > 0.9  # 6 epochs on 1437 digits; the full recipe (12 epochs) does better
@@ -122,13 +122,14 @@ def test_eval_fid_end_to_end_with_local_weights(tmp_path, capsys):
     import csv
     import json
 
-    from train import training_loop
+    from train.engine.config import Config
+    from train.jobs import image_training as training_loop
     from train.run import main
 
     cfg = json.loads((Path(__file__).resolve().parents[1] / "train" / "configs" / "quick.json").read_text())
     cfg.update(seed=0, iterations=1, batch_size=8, log_every=1, ckpt_every=1)
     run = tmp_path / "runs" / "digits-x"
-    training_loop.train(cfg, run, progress=False)
+    training_loop.train(Config.from_dict(cfg), run, progress=False)
     weights = tmp_path / fid.INCEPTION_FILE
     torch.save(fid._random_state_dict(), weights)
     args = ["eval", "--fid", "--run", str(run), "--inception-weights", str(weights), "--samples", "3", "--batch", "3",

@@ -1,17 +1,16 @@
-"""The networks a config builds: the projection network T may have its own width (cfg["proj_net"])."""
+"""The networks a config builds: the projection network T may have its own width (cfg.proj_net)."""
 import pytest
 import torch
 
-from train.config import validate
-from train.errors import UsageError
-from train.networks import build_nets
+from train.engine.config import build, validate
+from train.engine.errors import UsageError
+from train.engine.networks import build_nets
 
 
 def _cfg(**over):
-    cfg = {"dataset": "digits", "resolution": 16, "channels": 1, "preset": "tiny",
-           "net": {"model_channels": 16, "head_channels": 32}}
-    cfg.update(over)
-    return cfg
+    cfg = build("digits", True, None, {}, None)  # the --quick config: tiny U-Nets of width 16
+    assert cfg.net == {"model_channels": 16, "head_channels": 32}
+    return cfg.with_changes(**over)
 
 
 def _params(net):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from train.report import MIN_EFFECT, bootstrap_verdicts, seed_interval, toy_verdicts, verdict
+from train.evaluation.report import MIN_EFFECT, bootstrap_verdicts, seed_interval, toy_verdicts, verdict
 
 
 def test_verdict_words():

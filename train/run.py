@@ -2,11 +2,12 @@
 
     python train/run.py                      # main job: digits (built in), tiny U-Nets, CPU, digits-FD table
     python train/run.py --quick              # the same pipeline in under two minutes (smoke test)
-    python train/run.py --dataset gmm        # the 2-D toy job: W2 of every sampler (train/toy.py)
+    python train/run.py --dataset gmm        # the 2-D toy job: W2 of every sampler (train/jobs/toy.py)
     python train/run.py --dataset celeba --data-root /data       # paper run (Appendix B config, GPU)
     torchrun --nproc_per_node=8 train/run.py --dataset lsun_church --data-root /data
     python train/run.py eval --fid --run runs/celeba-...         # pytorch-fid FID, 50K samples per cell
     python train/run.py export --run runs/digits-... --to docs   # README table and figures
+    python train/run.py chen | chen-optimal | kwon ...           # the studies in train/experiments/
 
 This file only parses arguments and dispatches; `guarded` turns every user error into one line and
 exit code 2 (a diverged training run: exit 3). See `python train/run.py --help`, `eval --help`,
@@ -27,68 +28,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+from train.engine.cli import (Parser, at_least, decay, device, guarded, ints, names, nonneg_int,  # noqa: E402
+                              pos_float, pos_int)
+from train.engine.config import DATASETS  # noqa: E402
+from train.engine.errors import UsageError  # noqa: E402
+from train.experiments import EXPERIMENTS  # noqa: E402
+from train.jobs.export import export_job  # noqa: E402
+from train.jobs.image import train_job  # noqa: E402
+from train.jobs.reevaluate import eval_job  # noqa: E402
+from train.jobs.toy import toy_job  # noqa: E402
 
-from train import distributed as D  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.config import DATASETS  # noqa: E402
-from train.datasets import DatasetError  # noqa: E402
-from train.errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UsageError  # noqa: E402
-from train.export import export_job  # noqa: E402
-from train.fid import InceptionWeightsMissing  # noqa: E402
-from train.image_job import eval_job, overrides, train_job  # noqa: E402
-from train.toy import toy_job  # noqa: E402
-
-SUBCOMMANDS = ("train", "eval", "export")
+SUBCOMMANDS = ("train", "eval", "export", *EXPERIMENTS)
 #: flags of the image jobs that mean nothing to the gmm job (and the reverse): given, they are errors
 IMAGE_ONLY = ("data_root", "preset", "fused", "num_workers", "sample_every", "eval_rows", "eval_batch",
               "inception_weights", "check_data", "no_eval", "cache_dir")
 GMM_ONLY = ("hidden",)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see --help)\n")
-
-
-# --- argument types: ranges are checked where the value is read -------------------------------------------
-
-def _typed(conv, ok, what):
-    def parse(s):
-        try:
-            v = conv(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-        return v
-    return parse
-
-
-pos_int = _typed(int, lambda v: v >= 1, "a positive integer")
-nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
-pos_float = _typed(float, lambda v: v > 0 and v != float("inf"), "a positive finite number")
-decay = _typed(float, lambda v: 0 <= v < 1, "a decay in [0, 1)")
-
-
-def ints(s: str) -> list[int]:
-    try:
-        v = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}") from None
-    if not v or any(x < 1 for x in v):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
-    return v
-
-
-def names(s: str) -> list[str]:
-    v = [x.strip() for x in s.split(",") if x.strip()]
-    if not v:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {s!r}")
-    return v
-
+# --- argument types of the train subcommand -------------------------------------------------------------
 
 def delta_tau(s: str):
     """'0.05' (one step size in (0, 0.999)) or '20,40,100' (step counts N >= 2 drawn per sample)."""
@@ -103,18 +60,6 @@ def delta_tau(s: str):
     if isinstance(v, float) and not 0 < v < 0.999 or isinstance(v, list) and min(v) < 2:
         raise argparse.ArgumentTypeError(f"expected a step size in (0, 0.999) or step counts N >= 2, got {s!r}")
     return v
-
-
-def device(s: str) -> str:
-    if s == "auto":
-        return s
-    try:
-        dev = torch.device(s)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:K or auto, got {s!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:K or auto, got {s!r}")
-    return s
 
 
 def compile_backend(s: str) -> str | bool:
@@ -141,7 +86,7 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      "replaced (--overwrite). Exit codes: 0 done, 2 user error, 3 training diverged.")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="digits (default): built in (scikit-learn's 1797 8x8 digits upsampled to 16x16); celeba, "
-                        "lsun_church, svhn: need --data-root; gmm: the 2-D toy job (train/toy.py)")
+                        "lsun_church, svhn: need --data-root; gmm: the 2-D toy job (train/jobs/toy.py)")
     p.add_argument("--data-root", help="folder holding img_align_celeba/, church_outdoor_train_lmdb/ or "
                                        "train_32x32.mat")
     p.add_argument("--config", help="JSON file whose keys override the dataset's config (train/configs/)")
@@ -174,7 +119,7 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=pos_int)
     g.add_argument("--ckpt-every", type=pos_int)
     g.add_argument("--sample-every", type=nonneg_int)
-    g.add_argument("--eval-samples", "--n-samples", type=_typed(int, lambda v: v >= 2, "an integer >= 2"),
+    g.add_argument("--eval-samples", "--n-samples", type=at_least(2),
                    help="samples per table cell")
     g.add_argument("--eval-batch", type=pos_int)
     g.add_argument("--eval-steps", "--steps", type=ints, help="columns N, e.g. 1000,100,40,20")
@@ -192,7 +137,7 @@ def eval_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--fid", action="store_true", help="Inception FID (needs the pytorch-fid weights file)")
     p.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth "
                                                "(default: the torch hub cache)")
-    p.add_argument("--samples", type=_typed(int, lambda v: v >= 2, "an integer >= 2"),
+    p.add_argument("--samples", type=at_least(2),
                    help="samples per cell (FID default 50000)")
     p.add_argument("--batch", type=pos_int, help="sampling batch size")
     p.add_argument("--steps", type=ints, help="columns N (default 1000,100,40,20)")
@@ -221,54 +166,18 @@ def parser() -> argparse.ArgumentParser:
     train_parser(sub.add_parser("train", help="train and evaluate a run (the default subcommand)"))
     eval_parser(sub.add_parser("eval", help="re-evaluate a finished image run"))
     export_parser(sub.add_parser("export", help="copy a run's table and figures into docs/"))
+    for name, exp in EXPERIMENTS.items():
+        exp.add_arguments(sub.add_parser(name, help=exp.__doc__.splitlines()[0]))
     return p
 
 
-# --- the guard -----------------------------------------------------------------------------------------
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def guarded(job, args, device_name: str | None = None) -> int:
-    """Run a job (inside the process group); user errors become one line and exit code 2, also when
-    raised deep inside as SystemExit with a message; a diverged training run exits 3."""
-    d = None
-    try:
-        if device_name is not None:
-            d = D.init(device_name)
-            return job(args, d)
-        return job(args)
-    except InceptionWeightsMissing as e:  # several lines on purpose: where to get the file
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, DatasetError, CheckpointError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except Diverged as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:
-        if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            print(f"error: --compile failed: {type(e).__name__}: {_one_line(e)[:300]}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
-    finally:
-        if d is not None:
-            D.shutdown(d)
-
+# --- dispatch ------------------------------------------------------------------------------------------
 
 def _train(args) -> int:
     if (args.dataset or "digits") == "gmm":
         given = [f"--{k.replace('_', '-')}" for k in IMAGE_ONLY if getattr(args, k) not in (None, False)]
         if given:
             raise UsageError(f"{', '.join(given)}: not used by --dataset gmm (the 2-D toy job)")
-        args.overrides = overrides(args)
         return guarded(toy_job, args, "cpu" if args.device == "auto" else args.device)
     given = [f"--{k.replace('_', '-')}" for k in GMM_ONLY if getattr(args, k) is not None]
     if given:
@@ -281,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["train", *argv]  # train is the default subcommand
     args = parser().parse_args(argv)
+    args.argv = argv  # the command as given (the experiments quote it in their reports)
     if args.command_name == "train":
         return guarded(_train, args)
     if args.command_name == "eval":
         return guarded(eval_job, args, args.device)
-    return guarded(export_job, args)
+    if args.command_name == "export":
+        return guarded(export_job, args)
+    return guarded(EXPERIMENTS[args.command_name].run, args)
 
 
 if __name__ == "__main__":

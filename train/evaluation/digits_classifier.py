@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load, save_atomic
-from .datasets import load_digits_tensor
+from ..data.datasets import load_digits_tensor
+from ..engine.checkpoint import load, save_atomic
 
 #: bump when the architecture or training recipe changes, so stale caches are not reused
 VERSION = 2

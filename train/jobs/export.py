@@ -9,8 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .config import read_json
-from .errors import UsageError
+from ..engine.config import Config, read_json
+from ..engine.errors import UsageError
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -29,8 +29,9 @@ def _write(path: Path, text: str) -> None:
 
 def export_job(args) -> int:
     run, to = Path(args.run), Path(args.to)
-    cfg = read_json(run / "config.json", "run config") if (run / "config.json").is_file() else None
-    gmm = bool(cfg) and cfg.get("dataset") == "gmm"
+    cfg = Config.from_dict(read_json(run / "config.json", "run config"), f"{run / 'config.json'}") \
+        if (run / "config.json").is_file() else None
+    gmm = cfg is not None and cfg.toy
     names = ("config.json", "results.md", "samples.png", "w2_vs_nfe.png") if gmm else \
         ("config.json", "results.md", "timing.json", "samples_overview.png", "losses.png")
     missing = [str(run / f) for f in names if not (run / f).is_file()]
@@ -43,7 +44,7 @@ def export_job(args) -> int:
     except OSError as e:
         raise UsageError(f"export: cannot create {to / 'figures'}: {e.strerror}") from None
     info = read_json(run / "run_info.json", "run info") if (run / "run_info.json").is_file() else {}
-    name = args.name or cfg.get("dataset", "run")
+    name = args.name or cfg.dataset
     cmd = args.command or " ".join(["python", "train/run.py", *info.get("argv", [])[1:]])
     if gmm:
         _copy(run / "samples.png", to / "figures" / f"{name}_samples.png")
@@ -62,8 +63,8 @@ def export_job(args) -> int:
     try:
         head = (f"# {name}: Table 1 layout, measured\n\n"
                 f"Command: `{cmd}`  \n"
-                f"Training: {cfg['iterations']} iterations, batch {cfg['batch_size']}, preset `{cfg['preset']}`"
-                f"{' with ' + json.dumps(cfg['net']) if cfg.get('net') else ''}, seed {cfg['seed']}; "
+                f"Training: {cfg.iterations} iterations, batch {cfg.batch_size}, preset `{cfg.preset}`"
+                f"{' with ' + json.dumps(cfg.net) if cfg.net else ''}, seed {cfg.seed}; "
                 f"{timing['train_seconds']:.0f} s. Evaluation: {timing['eval_seconds']:.0f} s. "
                 f"Device: {timing['device']}, {timing.get('threads', '?')} thread(s), {timing['world_size']} "
                 f"process(es), torch {info.get('torch', '?')}.")

@@ -12,6 +12,8 @@ from torch import nn
 from wgfcore.losses import joint_loss, projection_loss
 from wgfcore.sde import VPSDE
 
+from .config import Config
+
 
 def _delta_tau(dt):
     return [int(n) for n in dt] if isinstance(dt, (list, tuple)) else float(dt)
@@ -23,11 +25,11 @@ class JointObjective(nn.Module):
     `forward_nets` optionally holds other callables for the forward pass (torch.compile wrappers of
     the same networks); they are kept out of the module tree so state_dict keys stay those of the nets."""
 
-    def __init__(self, eps_model: nn.Module, proj_model: nn.Module, sde: VPSDE, cfg: dict, forward_nets=None):
+    def __init__(self, eps_model: nn.Module, proj_model: nn.Module, sde: VPSDE, cfg: Config, forward_nets=None):
         super().__init__()
         self.eps, self.proj, self.sde = eps_model, proj_model, sde
-        self.delta_tau = _delta_tau(cfg["delta_tau"])
-        self.proj_weight = float(cfg.get("proj_weight", 1.0))
+        self.delta_tau = _delta_tau(cfg.delta_tau)
+        self.proj_weight = float(cfg.proj_weight)
         self.__dict__["_fwd"] = tuple(forward_nets) if forward_nets else (eps_model, proj_model)
 
     def forward(self, x0: torch.Tensor, generator: torch.Generator | None):
@@ -40,10 +42,10 @@ class JointObjective(nn.Module):
 class ProjectionObjective(nn.Module):
     """L_proj(T) against a fixed score function (no score network is trained); L_dsm is logged as 0."""
 
-    def __init__(self, proj_model: nn.Module, score_fn, sde: VPSDE, cfg: dict):
+    def __init__(self, proj_model: nn.Module, score_fn, sde: VPSDE, cfg: Config):
         super().__init__()
         self.proj, self.sde, self.score_fn = proj_model, sde, score_fn
-        self.delta_tau = _delta_tau(cfg["delta_tau"])
+        self.delta_tau = _delta_tau(cfg.delta_tau)
 
     def forward(self, x0: torch.Tensor, generator: torch.Generator | None):
         loss = projection_loss(self.proj, self.score_fn, x0, self.sde, delta_tau=self.delta_tau, generator=generator)

@@ -1,17 +1,20 @@
-"""Figures of a run: sample grids, training curves, metric against NFE, the per-cell sample
-overview, and the toy's scatter plots. ALGORITHMS §7 (what is plotted is what the tables report).
+"""Figures of a run and of the experiments: sample grids, training curves, metric against NFE, the
+per-cell sample overview, the toy's scatter plots, and median-and-band curves. ALGORITHMS §7 (what is
+plotted is what the tables report). `pyplot()` is the one place that picks matplotlib's backend.
 """
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .generate import ROWS
+from .table import ROWS
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display is needed or used)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,8 +23,14 @@ def _plt():
     return plt
 
 
+def band(ax, x, Y, label, color, ls="-", alpha=0.2):
+    """The median over axis 1 of Y (one column per path) as a line, and its 10-90% band."""
+    ax.plot(x, np.median(Y, 1), ls, color=color, label=label, lw=1.4)
+    ax.fill_between(x, np.quantile(Y, 0.1, 1), np.quantile(Y, 0.9, 1), color=color, alpha=alpha, lw=0)
+
+
 def grid_scale(cfg) -> int:
-    return max(1, 64 // cfg["resolution"])
+    return max(1, 64 // cfg.resolution)
 
 
 def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, scale: int = 1) -> None:
@@ -37,7 +46,7 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, scale: int = 1) -> Non
 def plot_metric(results, path: Path, metric: str) -> None:
     """The metric against NFE, a line per sampler row (error bars where the cells have a ±), reference
     rows as dotted lines; `results` is a list of rows, or {panel title: rows} for panels side by side."""
-    plt = _plt()
+    plt = pyplot()
 
     panels = results if isinstance(results, dict) else {"": results}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), dpi=110, sharey=True, squeeze=False)
@@ -69,7 +78,7 @@ def _metric_axes(ax, results, metric: str, title: str) -> None:
 
 def plot_losses(csv_path: Path, path: Path) -> None:
     """Training curves from losses.csv: L_dsm and L_proj against the step (log y)."""
-    plt = _plt()
+    plt = pyplot()
 
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -89,15 +98,15 @@ def plot_losses(csv_path: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def overview_figure(run_dir: Path, results, ecfg: dict, path: Path, k: int = 4, resolution: int = 16,
+def overview_figure(run_dir: Path, results, ecfg, path: Path, k: int = 4, resolution: int = 16,
                     scale: int = 1, prefix: str = "") -> None:
     """One figure of the first k x k samples of every evaluated cell (rows: samplers, columns: N),
     cut from the per-cell grids in run_dir/samples (tiles of resolution*scale px, 2 px padding)."""
-    plt = _plt()
+    plt = pyplot()
     from PIL import Image
 
-    rows = [key for key in ecfg["rows"] if any(r["row"] == key for r in results)]
-    Ns = list(ecfg["steps"])
+    rows = [key for key in ecfg.rows if any(r["row"] == key for r in results)]
+    Ns = list(ecfg.steps)
     tile = resolution * scale + 2
     fig, axes = plt.subplots(len(rows), len(Ns), figsize=(1.9 * len(Ns) + 1.2, 1.9 * len(rows) + 0.3), dpi=100,
                              squeeze=False)
@@ -125,7 +134,7 @@ def overview_figure(run_dir: Path, results, ecfg: dict, path: Path, k: int = 4, 
 
 
 def toy_scatter(samples, ref, steps, path, title):
-    plt = _plt()
+    plt = pyplot()
 
     names = list(dict.fromkeys(k[0] for k in samples))
     fig, axes = plt.subplots(len(names), len(steps) + 1, figsize=(2.3 * (len(steps) + 1), 2.3 * len(names)),
@@ -151,3 +160,6 @@ def toy_scatter(samples, ref, steps, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+__all__ = ["pyplot", "band", "grid_scale", "save_grid", "plot_metric", "plot_losses", "overview_figure", "toy_scatter"]

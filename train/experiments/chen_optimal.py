@@ -1,7 +1,7 @@
-"""Chen et al., *A Geometric Perspective on Diffusion Models*, with the exact empirical score (ALGORITHMS §5).
+"""Chen et al.'s geometry with the exact empirical score: the memorising optimal denoiser (ALGORITHMS §5).
 
-(Was train/geometry.py, renamed because wgfcore/geometry.py holds the statistics themselves. The same
-statistics on a *trained* U-Net: train/chen_trajectories.py.)
+Chen et al., *A Geometric Perspective on Diffusion Models*. The same statistics on a *trained* U-Net:
+`train/run.py chen` (train/experiments/chen_trajectories.py).
 
 EDM Heun over a Karras sigma grid, driven by the empirical optimal denoiser D* (mean shift, no training),
 on two small datasets: the scikit-learn digits (8x8, [-1, 1], no download) and samples of Kwon et al.'s
@@ -9,7 +9,7 @@ on two small datasets: the scikit-learn digits (8x8, [-1, 1], no download) and s
 chord x_0 -> x_N, turning angle per step, distance of x_i and of D(x_i; sigma_i) to the nearest training
 sample (memorisation).
 
-    python train/chen_optimal.py --out runs/geometry --figures docs/figures
+    python train/run.py chen-optimal --out runs/geometry --figures docs/figures
 
 Writes geometry.csv and geometry_stats.png, geometry_2d.png, geometry_digits.png into --out (and the
 PNGs also into --figures when given).
@@ -20,69 +20,62 @@ import argparse
 import csv
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from wgfcore.denoisers import optimal_denoiser
+from wgfcore.edm import trajectories
+from wgfcore.geometry import deviation, nn_distance_trajectory, turning_angle, typical_spacing
+from wgfcore.scores import kwon_mixture
+from wgfcore.sde import karras_sigmas
 
-from wgfcore.denoisers import optimal_denoiser  # noqa: E402
-from wgfcore.edm import trajectories  # noqa: E402
-from wgfcore.geometry import deviation, nn_distance_trajectory, turning_angle, typical_spacing  # noqa: E402
-from wgfcore.scores import kwon_mixture  # noqa: E402
-from wgfcore.sde import karras_sigmas  # noqa: E402
+from ..data.datasets import load_digits_tensor
+from ..engine.cli import pos_int
+from ..engine.errors import UsageError
+from ..evaluation.plots import band, pyplot
 
 FIGURES = ("geometry_stats.png", "geometry_2d.png", "geometry_digits.png")
 
 
 def add_karras_args(p: argparse.ArgumentParser) -> None:
-    """The EDM sampling grid of both Chen et al. scripts: N Karras steps from sigma_max to sigma_min."""
+    """The EDM sampling grid of both Chen et al. studies: N Karras steps from sigma_max to sigma_min."""
     p.add_argument("--steps", type=int, default=18, help="Karras steps N (full sample: NFE = 2N - 1 with Heun)")
     p.add_argument("--sigma-min", type=float, default=0.002)
     p.add_argument("--sigma-max", type=float, default=80.0)
     p.add_argument("--rho", type=float, default=7.0)
 
 
-def karras_args_error(args) -> str | None:
-    """What is wrong with the grid arguments, or None."""
+def check_karras_args(args) -> None:
+    """A UsageError naming what is wrong with the grid arguments."""
     if args.steps < 2:
-        return f"--steps must be >= 2, got {args.steps}"
-    if not 0 < args.sigma_min < args.sigma_max or args.rho <= 0:
-        return "need 0 < --sigma-min < --sigma-max and --rho > 0"
-    return None
+        raise UsageError(f"--steps must be >= 2, got {args.steps}")
+    if not 0 < args.sigma_min < args.sigma_max < float("inf") or not 0 < args.rho < float("inf"):
+        raise UsageError("need 0 < --sigma-min < --sigma-max and --rho > 0, all finite")
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", type=Path, default=Path("runs/geometry"), help="output folder")
     p.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
     p.add_argument("--seed", type=int, default=0)
     add_karras_args(p)
-    p.add_argument("--n-digits", type=int, default=128, help="trajectories on the digits")
-    p.add_argument("--n-2d-data", type=int, default=256, help="size of the 2-D training set (mixture samples)")
-    p.add_argument("--n-2d", type=int, default=128, help="trajectories in 2-D (16 are drawn)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-digits", type=pos_int, default=128, help="trajectories on the digits")
+    p.add_argument("--n-2d-data", type=pos_int, default=256, help="size of the 2-D training set (mixture samples)")
+    p.add_argument("--n-2d", type=pos_int, default=128, help="trajectories in 2-D (16 are drawn)")
+    p.add_argument("--threads", type=pos_int, default=1)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = p.parse_args(argv)
-    bad = karras_args_error(args)
-    if bad or min(args.n_digits, args.n_2d_data, args.n_2d) < 1:
-        p.error(bad or "need positive sizes")
-    return args
 
 
 def load_digits_data() -> torch.Tensor:
-    """(1797, 8, 8) float64 in [-1, 1], the digits as the trainer sees them (train.datasets)."""
-    from train.datasets import load_digits_tensor
-
+    """(1797, 8, 8) float64 in [-1, 1], the digits as the trainer sees them (train.data.datasets)."""
     return load_digits_tensor(8)[0][:, 0].to(torch.float64)
 
 
-def run(name, data, n, sigmas, g, progress):
+def paths(name, data, n, sigmas, g, progress):
+    """n trajectories of EDM Heun driven by D* over `data`, and their statistics."""
     x0 = float(sigmas[0]) * torch.randn(n, *data.shape[1:], generator=g, dtype=torch.float64)
     tr = trajectories(lambda x, s: optimal_denoiser(x, s, data), x0, sigmas, sampler="heun", progress=progress)
     X, Dn = tr["x"], tr["denoised"]
@@ -103,26 +96,27 @@ def run(name, data, n, sigmas, g, progress):
     return stats
 
 
-def band(ax, x, Y, label, color, ls="-"):
-    ax.plot(x, np.median(Y, 1), ls, color=color, label=label, lw=1.4)
-    ax.fill_between(x, np.quantile(Y, 0.1, 1), np.quantile(Y, 0.9, 1), color=color, alpha=0.2, lw=0)
+def run(args) -> int:
+    study(args)
+    return 0
 
 
-def main(argv=None):
-    args = parse(argv)
+def study(args) -> dict:
+    """The whole study (statistics, CSV, figures); returns the statistics of both datasets."""
+    check_karras_args(args)
     torch.set_num_threads(args.threads)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    args.out.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot create it ({e.strerror})") from None
     t0 = time.time()
     sigmas = karras_sigmas(args.steps, args.sigma_min, args.sigma_max, args.rho)
     g = torch.Generator().manual_seed(args.seed)
     digits = load_digits_data()
     pts = kwon_mixture().sample(args.n_2d_data, generator=g)
-    S = {"digits": run("digits", digits, args.n_digits, sigmas, g, args.progress),
-         "2d": run("kwon 2-D", pts, args.n_2d, sigmas, g, args.progress)}
+    S = {"digits": paths("digits", digits, args.n_digits, sigmas, g, args.progress),
+         "2d": paths("kwon 2-D", pts, args.n_2d, sigmas, g, args.progress)}
     N = args.steps
     sig = sigmas.numpy()
 
@@ -210,5 +204,4 @@ def main(argv=None):
     return S
 
 
-if __name__ == "__main__":
-    main()
+__all__ = ["add_arguments", "run", "study", "add_karras_args", "check_karras_args"]

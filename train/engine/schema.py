@@ -1,9 +1,7 @@
-"""Run configurations: the schema every config must satisfy, how a config is assembled from its
-layers (dataset file, --quick, --config, command line), and what a resumed run may change.
-
-A config is plain JSON (it travels inside every checkpoint and as the run's config.json). Unknown
-keys, wrong types and out-of-range values are `UsageError`s that name the key, raised before any
-data is read or any network is built.
+"""The schema every run configuration must satisfy: each key known, each value of the right type and
+range, the keys each kind of job needs. A config is plain JSON (it travels inside every checkpoint and
+as the run's config.json); a bad one is a `UsageError` naming the key, raised before any data is read
+or any network is built. `train.engine.config` turns a checked dict into the typed `Config`.
 """
 from __future__ import annotations
 
@@ -11,25 +9,13 @@ import json
 import math
 from pathlib import Path
 
+from ..evaluation.table import ROWS
 from .errors import UsageError
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
 IMAGE_DATASETS = ("digits", "celeba", "lsun_church", "svhn")
 PAPER_DATASETS = ("celeba", "lsun_church", "svhn")
 DATASETS = (*IMAGE_DATASETS, "gmm")
 METRICS = ("digits-fd", "fid", "w2")
-
-#: --quick on a paper dataset: the same data and metric, a tiny network and budget (a pipeline check)
-QUICK_PAPER = {"preset": "tiny", "iterations": 20, "batch_size": 8, "warmup": 5, "ema_decay": 0.9, "log_every": 5,
-               "ckpt_every": 10, "sample_every": 0, "snapshot_every": 0, "num_workers": 2,
-               "eval": {"steps": [20], "samples": 16, "batch": 16, "ref_samples": 64}}
-
-#: what a resumed run may change (everything else is fixed by the checkpoint's config)
-RESUMABLE = {"iterations", "eval", "log_every", "sample_every", "ckpt_every", "snapshot_every", "num_workers",
-             "data_root", "compile"}
-
-
-# --- the schema -----------------------------------------------------------------------------------------
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -127,8 +113,6 @@ def _anything(v):
 
 
 def _rows(v):
-    from .generate import ROWS
-
     return _list(_str(tuple(ROWS)))(v)
 
 
@@ -262,67 +246,5 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-# --- assembling a new run's config --------------------------------------------------------------------
-
-def base_name(dataset: str, quick: bool) -> str:
-    if dataset == "gmm":
-        return "gmm_quick" if quick else "gmm"
-    return "quick" if quick and dataset == "digits" else dataset
-
-
-def build(dataset: str, quick: bool, config_file, overrides: dict, seed: int | None) -> dict:
-    """The config of a new run: train/configs/<dataset>.json (or its --quick form), then the --config
-    file, then the command line's explicit values; seed from --seed, else the files, else 0."""
-    cfg = read_json(CONFIGS / f"{base_name(dataset, quick)}.json", "built-in config")
-    if quick and dataset in PAPER_DATASETS:
-        cfg = merge(cfg, QUICK_PAPER)
-    if config_file:
-        user = validate(read_json(config_file, "--config"), f"--config {config_file}", partial=True)
-        if "dataset" in user and user["dataset"] != dataset:
-            raise UsageError(f"--config {config_file} sets dataset {user['dataset']!r} but --dataset is {dataset!r}")
-        cfg = merge(cfg, user)
-    if overrides.get("preset"):  # a preset chosen on the command line comes without the config's narrowing
-        cfg["net"] = {}
-    cfg = merge(cfg, overrides)
-    if seed is not None:
-        cfg["seed"] = seed
-    cfg.setdefault("seed", 0)
-    if quick:
-        cfg["quick"] = True
-    cfg.pop("_doc", None)
-    return validate(cfg)
-
-
-# --- resuming -----------------------------------------------------------------------------------------
-
-def resume(saved: dict, asked: dict, step: int, where: str) -> tuple[dict, dict]:
-    """(config to continue with, {key: [old, new]} of the allowed changes) for a run resumed at `step`.
-
-    `asked` holds only what the user set explicitly (command line and --config). Asking for another
-    value of a key the checkpoint fixes is an error naming every such key; asking for the same value
-    is fine."""
-    conflicts, changed = [], {}
-    for k, v in asked.items():
-        old = saved.get(k)
-        if k == "eval" and isinstance(old, dict):
-            v = merge(old, v)
-        if v == old:
-            continue
-        if k in RESUMABLE:
-            changed[k] = [old, v]
-        else:
-            conflicts.append(f"{k} (checkpoint {json.dumps(old)}, asked {json.dumps(v)})")
-    if conflicts:
-        raise UsageError(f"{where} fixes {'; '.join(conflicts)}: a resumed run continues its own setup "
-                         "(start a new run in another --out to change it)")
-    cfg = merge(saved, {k: new for k, (_, new) in changed.items()})
-    if cfg["iterations"] <= step:
-        raise UsageError(f"{where} is at step {step}, and --iterations {cfg['iterations']} is not beyond it: "
-                         "ask for more iterations to continue the run")
-    if changed:
-        cfg["resumes"] = list(saved.get("resumes", [])) + [{"at_step": step, "changed": changed}]
-    return validate(cfg, f"{where} (its config)"), changed
-
-
-__all__ = ["validate", "read_json", "merge", "build", "resume", "SCHEMA", "RESUMABLE", "DATASETS", "IMAGE_DATASETS",
-           "PAPER_DATASETS", "QUICK_PAPER", "CONFIGS"]
+__all__ = ["validate", "read_json", "merge", "SCHEMA", "EVAL_SCHEMA", "DATASETS", "IMAGE_DATASETS", "PAPER_DATASETS",
+           "METRICS"]

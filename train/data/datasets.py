@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..engine.errors import DatasetError, one_line as _one_line
+
 #: datasets and their native layout, used in error messages and --help
 LAYOUTS = {
     "celeba": "img_align_celeba/*.jpg (the aligned CelebA JPEGs, 178x218)",
@@ -21,14 +23,6 @@ LAYOUTS = {
 }
 DIGITS_INFO = ("scikit-learn's bundled load_digits: 1797 real 8x8 handwritten digits (UCI optdigits test set), "
                "pixel values 0..16, bilinearly upsampled to 16x16 and scaled to [-1, 1]")
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing or unreadable; the message names the expected layout and path."""
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def worker_error_message(msg: str) -> str:

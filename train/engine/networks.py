@@ -9,22 +9,24 @@ import copy
 import torch
 from torch import nn
 
+from .config import Config
 from .errors import UsageError
 
 
-def build_nets(cfg: dict):
+def build_nets(cfg: Config):
     """Score (epsilon) and projection networks for a config: for image datasets the same U-Net twice
-    (Ghimire et al. App. B: cfg['preset'] names a `UNet.from_preset` preset, cfg['net'] overrides its
-    arguments, cfg['proj_net'] overrides them further for the projection network only); for the 2-D toy (dataset gmm) the same MLP twice (3 hidden layers of cfg['hidden'])."""
-    if cfg["dataset"] == "gmm":
+    (Ghimire et al. App. B: cfg.preset names a `UNet.from_preset` preset, cfg.net overrides its
+    arguments, cfg.proj_net overrides them further for the projection network only); for the 2-D toy
+    (dataset gmm) the same MLP twice (3 hidden layers of cfg.hidden)."""
+    if cfg.toy:
         from wgfcore.nets.mlp import MLP
 
-        return MLP(2, cfg["hidden"], 3), MLP(2, cfg["hidden"], 3)
+        return MLP(2, cfg.hidden, 3), MLP(2, cfg.hidden, 3)
     from wgfcore.nets import UNet
 
-    kw = dict(cfg.get("net") or {}, img_resolution=cfg["resolution"], in_channels=cfg["channels"])
-    # T may differ from the score net (cfg["proj_net"], e.g. {"model_channels": 8}); absent, it is the same.
-    kw_T = dict(kw, **(cfg.get("proj_net") or {}))
+    kw = dict(cfg.net, img_resolution=cfg.resolution, in_channels=cfg.channels)
+    # T may differ from the score net (cfg.proj_net, e.g. {"model_channels": 8}); absent, it is the same.
+    kw_T = dict(kw, **cfg.proj_net)
     for d in (kw, kw_T):
         for k, v in d.items():  # JSON has no tuples
             if isinstance(v, list):
@@ -32,10 +34,10 @@ def build_nets(cfg: dict):
     nets = []
     for what, key, args in (("score", "net", kw), ("projection", "proj_net", kw_T)):
         try:
-            nets.append(UNet.from_preset(cfg["preset"], **args))
+            nets.append(UNet.from_preset(cfg.preset, **args))
         except (KeyError, TypeError, ValueError) as e:  # unknown preset or argument: a config error
-            raise UsageError(f"cannot build the {what} U-Net (preset {cfg['preset']!r}, {key} "
-                             f"{cfg.get(key) or {}}) at {cfg['resolution']}x{cfg['resolution']}x{cfg['channels']}: "
+            raise UsageError(f"cannot build the {what} U-Net (preset {cfg.preset!r}, {key} "
+                             f"{getattr(cfg, key)}) at {cfg.resolution}x{cfg.resolution}x{cfg.channels}: "
                              f"{e}") from None
     return tuple(nets)
 

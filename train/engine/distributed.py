@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -36,8 +38,6 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            from .errors import UsageError
-
             raise UsageError(f"--device {device} was requested but torch sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())

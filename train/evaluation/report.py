@@ -11,9 +11,12 @@ import csv
 from pathlib import Path
 
 import torch
+from scipy import stats
 
+from ..engine.config import Config
 from .fid import Stats, frechet_distance
-from .generate import ROWS
+from .plots import grid_scale, overview_figure, plot_metric
+from .table import ROWS
 
 FIELDS = ["row", "label", "sampler", "N", "steps", "nfe", "delta_p", "metric", "value", "se", "n_samples", "seconds"]
 
@@ -48,11 +51,9 @@ def paired_difference(f_a: torch.Tensor, f_b: torch.Tensor, ref: tuple, n_boot: 
     return fd(f_a) - fd(f_b), float(torch.tensor(vals, dtype=torch.float64).std())
 
 
-def write_results(results, out_dir: Path, prefix: str, cfg: dict, ecfg: dict, metric: str,
-                  verdicts: bool = True) -> None:
+def write_results(results, out_dir: Path, prefix: str, cfg: Config, metric: str, verdicts: bool = True) -> None:
     """<prefix>results.csv and .md, the metric-vs-NFE plot and the sample overview of an image run."""
-    from .plots import grid_scale, overview_figure, plot_metric
-
+    ecfg = cfg.eval
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(results, out_dir / f"{prefix}results.csv")
     (out_dir / f"{prefix}results.md").write_text(results_markdown(results, ecfg, metric, verdicts))
@@ -60,7 +61,7 @@ def write_results(results, out_dir: Path, prefix: str, cfg: dict, ecfg: dict, me
     plot_metric(results, out_dir / (f"{prefix}vs_nfe.png" if prefix.startswith(name) else
                                     f"{prefix}{name}_vs_nfe.png"), metric)
     overview_figure(out_dir, [r for r in results if r["row"] in ROWS], ecfg, out_dir / f"{prefix}samples_overview.png",
-                    resolution=cfg["resolution"], scale=grid_scale(cfg), prefix=prefix)
+                    resolution=cfg.resolution, scale=grid_scale(cfg), prefix=prefix)
 
 
 def write_csv(results, path: Path, extra_fields=()) -> None:
@@ -75,15 +76,15 @@ def _cell(r, fmt: str) -> str:
     return f"{r['value']:{fmt}}{se} (NFE {r['nfe']})"
 
 
-def table_markdown(results, ecfg: dict, fmt: str = ".2f") -> str:
+def table_markdown(results, ecfg, fmt: str = ".2f") -> str:
     """Table 1 layout: a row per sampler, a column per N, each cell 'value (NFE k)'; then the paired
     row and reference rows (e.g. the estimator's floor) where present."""
-    Ns = list(ecfg["steps"])
+    Ns = list(ecfg.steps)
     grid = [r for r in results if r["row"] in ROWS]
     extra = [r for r in results if r["row"] not in ROWS]
     head = "| Sampler | " + " | ".join(f"N={N}" for N in Ns) + " |\n|---|" + "---:|" * len(Ns) + "\n"
     lines = []
-    for key in ecfg["rows"]:
+    for key in ecfg.rows:
         cellv = {r["N"]: r for r in grid if r["row"] == key}
         if not cellv:
             continue
@@ -102,9 +103,9 @@ def table_markdown(results, ecfg: dict, fmt: str = ".2f") -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def results_markdown(results, ecfg: dict, metric: str, verdicts: bool = True) -> str:
-    """The table of an image run and the note that says how to read it."""
-    Ns = list(ecfg["steps"])
+def results_markdown(results, ecfg, metric: str, verdicts: bool = True) -> str:
+    """The table of an image run (`EvalConfig` ecfg) and the note that says how to read it."""
+    Ns = list(ecfg.steps)
     grid = [r for r in results if r["row"] in ROWS]
     per_col = ", ".join(f"N={N}: {sorted({r['n_samples'] for r in grid if r['N'] == N})[0]}"
                         for N in Ns if any(r["N"] == N for r in grid))
@@ -114,7 +115,7 @@ def results_markdown(results, ecfg: dict, metric: str, verdicts: bool = True) ->
     if dps:
         note += f" Predict-Project delta_p: {dps}."
     if any(r.get("se") is not None for r in grid):
-        note += (f" ± is the bootstrap standard deviation ({ecfg.get('bootstrap')} resamples of the generated "
+        note += (f" ± is the bootstrap standard deviation ({ecfg.bootstrap} resamples of the generated "
                  f"samples, reference fixed). Paired rows (a minus b) resample the two cells' samples together "
                  f"(sample i of every cell starts from the same prior draw and noise seed); negative favours a. "
                  f"The noise is that of sampling from this one trained model; training-seed variance is not "
@@ -158,12 +159,12 @@ def bootstrap_verdicts(diffs) -> list[str]:
     return out
 
 
-def toy_markdown(rows_learned, rows_analytic, floor: dict, cfg: dict, verdict_lines=None) -> str:
+def toy_markdown(rows_learned, rows_analytic, floor: dict, cfg: Config, verdict_lines=None) -> str:
     """results.md of the gmm job: the table for the learned and for the analytic score, the floor of
     the W2 estimator, and the paired verdicts (none for --quick)."""
-    ecfg, n = cfg["eval"], cfg["eval"]["samples"]
+    ecfg, n = cfg.eval, cfg.eval.samples
     text = (f"W2 (POT, exact OT, {n} samples each) to Kwon et al.'s 4-Gaussian mixture; NFE in brackets.\n\n"
-            f"### Learned score (MLP 3x{cfg['hidden']}, {cfg['iterations']} joint iterations)\n\n"
+            f"### Learned score (MLP 3x{cfg.hidden}, {cfg.iterations} joint iterations)\n\n"
             f"{table_markdown(rows_learned + [floor], ecfg, '.4f')}\n"
             f"### Analytic score (T trained against it)\n\n{table_markdown(rows_analytic + [floor], ecfg, '.4f')}\n"
             f"The floor is the W2 between {n} fresh samples of the true mixture and the (stratified) reference "
@@ -176,8 +177,6 @@ def toy_markdown(rows_learned, rows_analytic, floor: dict, cfg: dict, verdict_li
 
 def seed_interval(diffs) -> tuple[float, float, float]:
     """(mean, lo, hi): the 95% Student-t interval of the mean of paired per-seed differences."""
-    from scipy import stats
-
     x = torch.tensor(diffs, dtype=torch.float64)
     m = float(x.mean())
     half = float(stats.t.ppf(0.975, len(diffs) - 1) * x.std() / len(diffs) ** 0.5)

@@ -7,7 +7,10 @@ import functools
 
 import torch
 
-from . import distributed as D
+from ..engine import distributed as D
+from ..engine.config import Config
+from ..engine.errors import UsageError
+from .datasets import DatasetError, worker_error_message
 
 
 @functools.lru_cache(maxsize=2)
@@ -46,17 +49,24 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield batch_indices(step, n, gb, seed, d).tolist()
 
 
-def batches(dataset, cfg: dict, d: D.Dist, start: int, stop: int):
-    """Iterator over (step, x0 on device) from `start` to `stop`."""
-    from .datasets import DatasetError, worker_error_message
+def check_batch(n: int, cfg: Config, world: int = 1) -> None:
+    """A one-line UsageError unless a set of n items holds one global batch that splits evenly."""
+    if n < cfg.batch_size:
+        raise UsageError(f"the {cfg.dataset} set has {n} images, fewer than one batch of {cfg.batch_size}: "
+                         "lower --batch-size")
+    if cfg.batch_size % world:
+        raise UsageError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
 
-    n, gb, seed = len(dataset), cfg["batch_size"], cfg["seed"]
+
+def batches(dataset, cfg: Config, d: D.Dist, start: int, stop: int):
+    """Iterator over (step, x0 on device) from `start` to `stop`."""
+    n, gb, seed = len(dataset), cfg.batch_size, cfg.seed
     data = getattr(dataset, "data", None)
     if data is not None:  # in memory: index directly
         for step in range(start, stop):
             yield step, data[batch_indices(step, n, gb, seed, d)].to(d.device, non_blocking=True)
         return
-    workers = cfg["num_workers"]
+    workers = cfg.num_workers
     if workers > 0 and hasattr(dataset, "release"):
         dataset.release()  # handles open in this process must not be inherited by the forked workers
     loader = torch.utils.data.DataLoader(
@@ -74,4 +84,4 @@ def batches(dataset, cfg: dict, d: D.Dist, start: int, stop: int):
         yield step, x.to(d.device, non_blocking=True)
 
 
-__all__ = ["batch_indices", "StepBatchSampler", "batches"]
+__all__ = ["batch_indices", "StepBatchSampler", "batches", "check_batch"]

@@ -1,7 +1,8 @@
 """The Table 1 evaluation of a trained image run: every (sampler row, column N) cell drawn with the
 EMA networks, featurised, and scored by the Fréchet distance to the reference statistics.
 
-ALGORITHMS §2 (samplers) and §7 (metrics). The statistics and the table itself are train.report's.
+ALGORITHMS §2 (samplers) and §7 (metrics). The statistics and the written table are
+train.evaluation.report's.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from tqdm.auto import tqdm
 
 from wgfcore.sde import VPSDE
 
-from . import checkpoint as ckpt
-from . import distributed as D
+from ..engine import distributed as D
+from ..engine.config import Config
+from .draw import draw
 from .fid import Stats, frechet_distance
-from .generate import ROWS, cells, draw
-from .networks import build_nets
 from .plots import grid_scale, save_grid
 from .report import bootstrap_se, paired_difference, write_results
+from .table import ROWS, cells, check_nfe
 
 
 #: paired comparisons (a minus b) at each N: the projection at equal steps, Predict-Project against EM
@@ -29,10 +30,10 @@ PAIRS = [("pp", "em"), ("pp", "em2n"), ("em2n", "em")]
 
 
 @torch.no_grad()
-def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, d: D.Dist | None = None, *,
-             ecfg: dict | None = None, backend: str = "auto", progress: bool = True, prefix: str = "",
-             extra_rows: list | None = None, verdicts: bool = True):
-    """Fill the Table 1 grid: for every (row, N), draw ecfg['samples'] samples with the EMA networks,
+def evaluate(cfg: Config, eps_net, proj_net, features, ref: tuple, out_dir: Path, d: D.Dist | None = None, *,
+             backend: str = "auto", progress: bool = True, prefix: str = "", extra_rows: list | None = None,
+             verdicts: bool = True):
+    """Fill the Table 1 grid of cfg.eval: for every (row, N), draw cfg.eval.samples samples with the EMA networks,
     take `features`, and report the Fréchet distance to the reference statistics `ref` = (mu, sigma).
 
     Samples are drawn in batches whose seed depends only on the batch index (the same prior draws
@@ -42,12 +43,12 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
     report says which differences are beyond noise; --quick runs are untrained and get none).
     """
     d = d or D.Dist()
-    ecfg = ecfg or cfg["eval"]
+    ecfg = cfg.eval
     sde = VPSDE()
     eps_net.eval().to(d.device)
     proj_net.eval().to(d.device)
-    bs = int(ecfg["batch"])
-    n_boot = int(ecfg.get("bootstrap", 0))
+    bs = int(ecfg.batch)
+    n_boot = int(ecfg.bootstrap)
     kept_all, value_of = {}, {}
     todo = cells(ecfg)
     mine = {c["n"]: [b for b in range(math.ceil(c["n"] / bs)) if b % d.world == d.rank] for c in todo}
@@ -61,27 +62,26 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
         calls, n = 0, c.pop("n")
         for b in mine[n]:
             x, calls = draw(eps_net, proj_net, sde, c["sampler"], c["steps"], min(bs, n - b * bs), cfg, d,
-                            seed=int(cfg["seed"]) * 100_003 + 12_345 + b, backend=backend, delta_p=c["delta_p"],
+                            seed=int(cfg.seed) * 100_003 + 12_345 + b, backend=backend, delta_p=c["delta_p"],
                             progress=progress and d.main and c["steps"] >= 200, tweedie=c["row"] == "pp_tweedie")
             f = features(x)
             st.add(f)
             if n_boot:
                 kept.append(f)
             if b == 0 and d.main:
-                save_grid(x[: ecfg.get("grid", 64)], out_dir / "samples" / f"{prefix}{c['row']}_N{c['N']}.png",
+                save_grid(x[: ecfg.grid], out_dir / "samples" / f"{prefix}{c['row']}_N{c['N']}.png",
                           scale=grid_scale(cfg))
             bar.update(1)
         st = Stats.unpack(D.all_reduce_sum(d, st.packed().to(d.device)).cpu(), features.dims)
-        if calls and calls != c["nfe"]:
-            raise RuntimeError(f"{c['sampler']} made {calls} network calls for {c['steps']} steps, "
-                               f"expected {c['nfe']}")
+        if calls:
+            check_nfe(c, calls)
         mu, sigma = st.mu_sigma()
         value = frechet_distance(mu, sigma, *ref)
         se = None
         if n_boot:
             allf = D.all_gather_cat(d, torch.cat(kept).to(d.device) if kept else
                                     torch.zeros(0, features.dims, dtype=torch.float64, device=d.device)).cpu()
-            se = bootstrap_se(allf, ref, n_boot, seed=int(cfg["seed"]))
+            se = bootstrap_se(allf, ref, n_boot, seed=int(cfg.seed))
             kept_all[(c["row"], c["N"])] = allf
         r = dict(c, metric=features.name, value=value, se=se, n_samples=int(st.n),
                  seconds=round(time.time() - t0, 2))
@@ -90,33 +90,18 @@ def evaluate(cfg: dict, eps_net, proj_net, features, ref: tuple, out_dir: Path, 
         bar.set_postfix_str(f"{c['row']} N={c['N']}: {value:.3f}")
     bar.close()
     paired = []
-    for N in ecfg["steps"]:  # sample i of every cell starts from the same prior draw: compare in pairs
+    for N in ecfg.steps:  # sample i of every cell starts from the same prior draw: compare in pairs
         for a, b in PAIRS:
             if (a, N) in kept_all and (b, N) in kept_all:
-                diff, se = paired_difference(kept_all[(a, N)], kept_all[(b, N)], ref, n_boot, int(cfg["seed"]))
+                diff, se = paired_difference(kept_all[(a, N)], kept_all[(b, N)], ref, n_boot, int(cfg.seed))
                 paired.append({"row": f"{a}_minus_{b}", "label": f"{ROWS[a][0]} minus {ROWS[b][0]} (paired)",
                                "sampler": "difference", "N": int(N), "steps": int(N), "nfe": "", "delta_p": None,
                                "metric": features.name, "value": diff, "se": se,
                                "n_samples": kept_all[(a, N)].shape[0], "seconds": 0.0,
                                "scale": (value_of[(a, N)] + value_of[(b, N)]) / 2})
     if d.main:
-        write_results(results + paired + (extra_rows or []), out_dir, prefix, cfg, ecfg, features.name,
-                      verdicts=verdicts)
+        write_results(results + paired + (extra_rows or []), out_dir, prefix, cfg, features.name, verdicts=verdicts)
     return results + paired
 
 
-def load_run(run_dir: Path, map_location="cpu", make_nets=None):
-    """(config, EMA score net, EMA projection net, step) from a run folder's newest checkpoint."""
-    run_dir = Path(run_dir)
-    path = ckpt.find_resumable(run_dir / "checkpoints")
-    if path is None:
-        raise ckpt.CheckpointError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
-    state = ckpt.load(path, map_location=map_location)
-    cfg = state["config"]
-    eps_net, proj_net = (make_nets or build_nets)(cfg)
-    eps_net.load_state_dict(state["ema_eps"])
-    proj_net.load_state_dict(state["ema_proj"])
-    return cfg, eps_net.eval(), proj_net.eval(), int(state["step"])
-
-
-__all__ = ["evaluate", "load_run"]
+__all__ = ["evaluate", "PAIRS"]

@@ -15,12 +15,10 @@ import torch
 
 from wgfcore.metrics import frechet_distance  # pytorch-fid's calculate_frechet_distance
 
+from ..engine.errors import InceptionWeightsMissing
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 DIMS = 2048
-
-
-class InceptionWeightsMissing(RuntimeError):
-    """The FID Inception weights are not on this machine; the message says where to put them."""
 
 
 def default_weights_path() -> Path:

@@ -1,4 +1,5 @@
-"""Atomic, weights-only checkpoints and RNG-state capture for exact resumption.
+"""Atomic, weights-only checkpoints, RNG-state capture for exact resumption, the one format of a
+training checkpoint (every job's), and loading a trained run back.
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then moved
 over the old one with os.replace (atomic on POSIX), so a process killed mid-write never corrupts
@@ -15,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as D
+from .config import Config
+from .errors import CheckpointError, UsageError
+from .networks import build_nets
+
 LAST = "last.pt"
 _SNAPSHOT = re.compile(r"^ckpt_(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or unreadable."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -139,5 +141,55 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = Non
         g.set_state(state["generators"][k].cpu())
 
 
+# --- the training checkpoint of every job ---------------------------------------------------------------
+
+TRAINING_STATE = ("step", "config", "world_size", "eps", "proj", "ema_eps", "ema_proj", "optimizer", "rng")
+
+
+def training_state(step: int, cfg: Config, d: D.Dist, eps, proj, ema_eps, ema_proj, opt, generators: dict) -> dict:
+    """Everything needed to continue exactly: the networks, their EMA copies, the optimizer, and the RNG
+    states of every rank (gathered to rank 0; a collective, so every rank calls it)."""
+    rng = capture_rng(generators)
+    if d.enabled:
+        box = [None] * d.world
+        torch.distributed.all_gather_object(box, rng)
+        rng = box
+    else:
+        rng = [rng]
+    return {"step": step, "config": cfg.data, "world_size": d.world, "eps": eps.state_dict(),
+            "proj": proj.state_dict(), "ema_eps": ema_eps.state_dict(), "ema_proj": ema_proj.state_dict(),
+            "optimizer": opt.state_dict(), "rng": rng}
+
+
+def load_training_state(path: Path) -> dict:
+    """A training checkpoint, or a one-line CheckpointError when the file is something else."""
+    state = load(path, map_location="cpu")
+    missing = [k for k in TRAINING_STATE if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of train/run.py (no {', '.join(missing)})")
+    return state
+
+
+def load_run(run_dir, map_location="cpu", make_nets=None):
+    """(config, EMA score net, EMA projection net, step) from a run folder's newest checkpoint: the
+    one way every command (eval, the experiments) gets a trained run back."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder {run_dir}: no such folder")
+    path = find_resumable(run_dir / "checkpoints")
+    if path is None:
+        raise CheckpointError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
+    state = load_training_state(path)
+    cfg = Config.from_dict(state["config"], f"the config inside {path}")
+    eps_net, proj_net = (make_nets or build_nets)(cfg)
+    try:
+        eps_net.load_state_dict(state["ema_eps"])
+        proj_net.load_state_dict(state["ema_proj"])
+    except RuntimeError as e:
+        raise UsageError(f"{path}: its weights do not fit its config's networks "
+                         f"({str(e).splitlines()[0]})") from None
+    return cfg, eps_net.eval(), proj_net.eval(), int(state["step"])
+
+
 __all__ = ["CheckpointError", "save_atomic", "load", "save_checkpoint", "find_resumable", "capture_rng",
-           "restore_rng", "LAST"]
+           "restore_rng", "LAST", "TRAINING_STATE", "training_state", "load_training_state", "load_run"]

@@ -1,0 +1,13 @@
+"""The studies built on the engine, each a subcommand of `train/run.py` (ALGORITHMS §5-6):
+
+    chen          Chen et al.'s statistics on a trained digits U-Net (chen_trajectories.py, chen_report.py)
+    chen-optimal  the same geometry with the memorising optimal denoiser (chen_optimal.py)
+    kwon          does the score-matching objective bound W2? (kwon_bound.py, kwon_setups.py, kwon_report.py)
+
+Each module has `add_arguments(parser)` and `run(args) -> exit code`; a new study adds one line here.
+"""
+from . import chen_optimal, chen_trajectories, kwon_bound
+
+EXPERIMENTS = {"chen": chen_trajectories, "chen-optimal": chen_optimal, "kwon": kwon_bound}
+
+__all__ = ["EXPERIMENTS"]
