@@ -3,11 +3,15 @@
     chen          Chen et al.'s statistics on a trained digits U-Net (chen_trajectories.py, chen_report.py)
     chen-optimal  the same geometry with the memorising optimal denoiser (chen_optimal.py)
     kwon          does the score-matching objective bound W2? (kwon_bound.py, kwon_setups.py, kwon_report.py)
+    pp-sweep      issue 20's pre-registered sweep: does Predict-Project pay at equal compute? (pp_sweep.py,
+                  pp_sweep_report.py)
+    pp-sweep-toy  the same sweep on the 2-D toy, learned and analytic score (pp_sweep_toy.py)
 
 Each module has `add_arguments(parser)` and `run(args) -> exit code`; a new study adds one line here.
 """
-from . import chen_optimal, chen_trajectories, kwon_bound
+from . import chen_optimal, chen_trajectories, kwon_bound, pp_sweep, pp_sweep_toy
 
-EXPERIMENTS = {"chen": chen_trajectories, "chen-optimal": chen_optimal, "kwon": kwon_bound}
+EXPERIMENTS = {"chen": chen_trajectories, "chen-optimal": chen_optimal, "kwon": kwon_bound, "pp-sweep": pp_sweep,
+               "pp-sweep-toy": pp_sweep_toy}
 
 __all__ = ["EXPERIMENTS"]

@@ -1,0 +1,116 @@
+"""Issue 20's pre-registered sweep (`train/run.py pp-sweep`, docs/pp_sweep.md): the grid, the equal-cost
+comparators, the decision rule, the timing sessions, and a small end-to-end run whose subset re-derives
+its cells (ALGORITHMS §2-3, §7)."""
+import json
+import math
+
+import pytest
+import torch
+
+from train.experiments import pp_sweep_cost as Cost
+from train.experiments import pp_sweep_report as R
+
+TIMING = {"sessions": [{"per_step_seconds": {"em": [1.0]}, "batch": 200}],
+          "ratio_to_em": {"em": {"median": 1.0}, "pp:1": {"median": 1.74}, "pp:0.5": {"median": 1.28},
+                          "pp:0.25": {"median": 1.15}, "tweedie": {"median": 1.9}, "tweedie_free": {"median": 1.0}}}
+
+
+def test_the_grid_is_the_pre_registered_one():
+    # from the paper's delta_p up to the first value whose largest per-step fraction exceeds 1
+    assert R.GRID == {20: (1, 3, 10, 30), 40: (0.4, 1, 3, 10, 30, 100), 100: (0.1, 0.3, 1, 3, 10, 30, 100)}
+    for N, dps in R.GRID.items():
+        assert dps[0] == pytest.approx(R.paper_dp(N))
+        maxes = [R.fraction_range(N, dp)[1] for dp in dps]
+        assert maxes[-1] > 1 and all(m <= 1 for m in maxes[:-1])
+    lo, hi, above = R.fraction_range(20, 30.0)  # the issue's numbers for the earlier delta_p = 30 run
+    assert (round(lo, 2), round(hi, 2), above) == (0.81, 1.84, 19)
+
+
+def test_comparators_never_give_em_less_than_the_configuration():
+    # equal FLOPs: ceil(N (1 + F_T / F_score)); a width-1 T costs exactly 2N
+    assert Cost.comparators(20, "pp", "1", (100, 100), TIMING) == {"nfe": 40, "flops": 40, "wall": 35}
+    assert Cost.comparators(20, "pp", "0.5", (34191360, 9108992), TIMING) == {"nfe": 40, "flops": 26, "wall": 26}
+    assert Cost.comparators(100, "pp", "0.25", (34191360, 2557824), TIMING)["flops"] == 108
+    assert Cost.comparators(40, "tweedie_free", "-", (1, 1), TIMING) == {"nfe": 40, "flops": 40, "wall": 40}
+    assert Cost.comparators(40, "tweedie", "-", (1, 1), TIMING) == {"nfe": 80, "flops": 80, "wall": 76}
+
+
+def test_verdicts_and_intervals():
+    m, lo, hi = R.t_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.302652729911275 / math.sqrt(3))  # t(0.975, 2) sd / sqrt(3)
+    assert R.verdict(-3.0, -0.1) == "pays" and R.verdict(0.1, 2.0) == "loses"
+    assert R.verdict(-1.0, 1.0) == "within noise" and R.verdict(math.nan, math.nan) == "one seed"
+    s = R.spread([1.0, 3.0], [1.0, 1.0])  # total sd 1.414, sampling 1: training sqrt(2 - 1) = 1
+    assert s["sd_sampling"] == pytest.approx(1.0) and s["sd_training"] == pytest.approx(1.0)
+    assert R.spread([1.0, 1.2], [1.0, 1.0])["sd_training"] == 0.0  # floored, not imaginary
+
+
+def test_timing_sessions_add_only_what_is_missing(tmp_path):
+    calls = []
+
+    def measure(keys):
+        calls.append(list(keys))
+        return {"per_step_seconds": {k: [1.0] for k in keys}, "batch": 8, "steps": 2, "rounds": 1, "threads": 1,
+                "load_1min": [1.0, 1.0], "ratio_to_em": {k: {"median": 1.0 + i, "min": 1.0, "max": 1.0}
+                                                         for i, k in enumerate(keys)}}
+
+    path = tmp_path / "timing.json"
+    t = Cost.timing_for(path, ["em", "pp:1"], measure)
+    assert calls == [["em", "pp:1"]] and t["ratio_to_em"]["pp:1"] == {"median": 2.0, "min": 1.0, "max": 1.0,
+                                                                       "session": 0}
+    t = Cost.timing_for(path, ["em", "pp:1", "tweedie_free"], measure)  # a new session against its own EM
+    assert calls[-1] == ["em", "tweedie_free"] and t["ratio_to_em"]["tweedie_free"]["session"] == 1
+    assert t["ratio_to_em"]["pp:1"]["session"] == 0 and len(json.loads(path.read_text())["sessions"]) == 2
+    Cost.timing_for(path, ["em", "pp:1"], measure)
+    assert len(calls) == 2
+
+
+def test_config_rows_pair_within_seeds():
+    vals = {(0, "a", "pp"): 5.0, (0, "a", "em"): 7.0, (1, "b", "pp"): 6.0, (1, "b", "em"): 7.0}
+    configs = [{"seed": s, "width": "1", "proj": "pp", "N": 20, "dp": 3.0, "n": 10, "K": {}, "cell": (s, t, "pp"),
+                "comp": {m: (s, t, "em") for m in ("same_n", "nfe", "flops", "wall")}} for s, t in ((0, "a"), (1, "b"))]
+    (row,) = R.config_rows(configs, lambda key, n: vals.get(key), 10)
+    assert row["value"] == 5.5 and row["nfe"]["per_seed"] == [-2.0, -1.0] and row["nfe"]["diff"] == -1.5
+    del vals[(1, "b", "pp")]
+    assert R.config_rows(configs, lambda key, n: vals.get(key), 10)[0]["missing"]
+
+
+def _fake_run(path, seed, proj_net=None):
+    """A digits run folder with untrained networks (the sweep reads only its config and EMA weights)."""
+    from train.engine.checkpoint import save_checkpoint
+    from train.engine.config import build
+    from train.engine.networks import build_nets
+
+    cfg = build("digits", True, None, {"proj_net": proj_net} if proj_net else {}, seed)
+    torch.manual_seed(seed)
+    eps, proj = build_nets(cfg)
+    state = {"step": 0, "config": cfg.data, "world_size": 1, "eps": eps.state_dict(), "proj": proj.state_dict(),
+             "ema_eps": eps.state_dict(), "ema_proj": proj.state_dict(), "optimizer": {}, "rng": [{}]}
+    save_checkpoint(state, path / "checkpoints", 0)
+    return path
+
+
+@pytest.mark.slow
+def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path):
+    from train.run import main
+
+    runs = [str(_fake_run(tmp_path / "r0", 0)), str(_fake_run(tmp_path / "r0h", 0, {"model_channels": 8,
+                                                                                       "head_channels": 16}))]
+    common = ["pp-sweep", "--small", "--jobs", "1", "--steps", "20", "--delta-p", "1"]
+    assert main(common + ["--runs", *runs, "--out", str(tmp_path / "out"), "--proj", "pp,tweedie"]) == 0
+    doc = (tmp_path / "out" / "pp_sweep.md").read_text()
+    assert "| learned, width 1 | 20 | 1 | 0.027–0.06 |" in doc and "| learned, width 0.5 | 20 | 1 |" in doc
+    assert "| Tweedie T (ours, +1 score call) | 20 | 1 |" in doc and "Table 1 over 1 training seeds" in doc
+    assert (tmp_path / "out" / "pp_sweep.png").stat().st_size > 10_000
+    full = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
+    # the score net does not depend on T's width: both runs of seed 0 share their EM cells
+    assert len(list((tmp_path / "out" / "cells").iterdir())) == 1
+    # a subset, drawn afresh into another folder with the same timing, gives the same numbers
+    assert main(common + ["--runs", runs[0], "--out", str(tmp_path / "sub"), "--proj", "pp",
+                          "--timing", str(tmp_path / "out" / "timing.json")]) == 0
+    sub = json.loads((tmp_path / "sub" / "summary.json").read_text())["rows"]
+    (ref,) = [r for r in full if r["proj"] == "pp" and r["width"] == "1"]
+    assert len(sub) == 1 and sub[0]["value"] == ref["value"]
+    assert [sub[0][m]["per_seed"] for m in ("nfe", "flops", "wall")] == [ref[m]["per_seed"] for m in ("nfe", "flops", "wall")]
+    assert main(common + ["--runs", *runs, "--out", str(tmp_path / "bad"), "--proj", "nope"]) == 2
+    assert main(["pp-sweep", "--runs", str(tmp_path), "--out", str(tmp_path / "bad")]) == 2

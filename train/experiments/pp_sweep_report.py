@@ -1,0 +1,283 @@
+"""The grid of issue 20's sweep and its report (docs/pp_sweep.md; ALGORITHMS §3, §7): per-seed paired
+differences against EM at equal cost, their mean over the training seeds with a Student-t interval (which
+holds the between-seed spread), the verdicts, Table 1 across seeds with its variance split, the figure.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wgfcore import ops
+from wgfcore.sde import VPSDE
+
+from ..evaluation.fid import Stats, frechet_distance
+from ..evaluation.plots import pyplot
+from ..evaluation.report import bootstrap_se, paired_difference
+from .pp_sweep_cost import LABEL, PROJ, cost_function, timing_lines
+
+#: the pre-registered delta_p grid: from the paper's value up to the first value whose largest per-step
+#: fraction sqrt(beta) dp dtau / (1 + sqrt(beta)/2) exceeds 1
+GRID = {20: (1.0, 3.0, 10.0, 30.0), 40: (0.4, 1.0, 3.0, 10.0, 30.0, 100.0),
+        100: (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}
+#: sizes (pre-registered; --small shrinks them): samples per sweep cell, per Table 1 cell, per figure point
+S = {"samples": 200, "table1_samples": 400, "fig_n": 200, "batch": 200, "n_boot": 200, "timing_steps": 10,
+     "timing_rounds": 7}
+DOC_MARK = "## Results"
+
+
+def paper_dp(N: int) -> float:
+    return ops.default_delta_p(N)
+
+
+def fraction_range(N: int, dp: float) -> tuple[float, float, int]:
+    """(min, max, steps above 1) of the per-step fraction on N's time grid."""
+    sde, ts = VPSDE(), ops.time_grid(N)
+    f = ops.project_coefficients(sde, ts, dp) / (1 + torch.sqrt(sde.beta(ts[:-1])) / 2)
+    return float(f.min()), float(f.max()), int((f > 1).sum())
+
+
+def cell_name(kind: str, steps: int, dp=None, width: str | None = None) -> str:
+    """em_26, heun_20, pp_w0.5_20_dp3, tweedie_40_dp0.4, tweedie_free_20_dp1."""
+    if kind in ("em", "heun"):
+        return f"{kind}_{steps}"
+    return f"{kind}{f'_w{width}' if kind == 'pp' else ''}_{steps}_dp{dp:g}"
+
+
+def cell_file(out: Path, key) -> Path:
+    seed, sha, name = key
+    return Path(out) / "cells" / f"s{seed}-{sha}" / f"{name}.pt"
+
+
+def load_features(out: Path, key, n: int):
+    """The first n cached features of a cell (sample i is the same whatever n), or None."""
+    f = cell_file(out, key)
+    if not f.is_file():
+        return None
+    x = torch.load(f, weights_only=True)["features"]
+    return x[:n] if x.shape[0] >= n else None
+
+
+def t_interval(x) -> tuple[float, float, float]:
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
+
+
+def verdict(lo: float, hi: float) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "one seed"
+    return "pays" if hi < 0 else ("loses" if lo > 0 else "within noise")
+
+
+def spread(values, boot_sds) -> dict:
+    """Mean over seeds with its t-interval, and the split of the spread: sampling = the mean bootstrap
+    variance of one cell, training = the variance over seeds minus that (floored at 0)."""
+    mean, lo, hi = t_interval(values)
+    total = float(np.var(values, ddof=1)) if len(values) > 1 else math.nan
+    samp = float(np.mean(np.square(boot_sds)))
+    return {"mean": mean, "lo": lo, "hi": hi, "values": [float(v) for v in values], "sd_total": math.sqrt(total),
+            "sd_sampling": math.sqrt(samp), "sd_training": math.sqrt(max(total - samp, 0.0))}
+
+
+def config_rows(configs, value, fig_n, boot_sd=None) -> list:
+    """One row per configuration (projection, width, N, dp): its mean value over the seeds and, for each
+    comparison, the per-seed paired differences with their mean and t-interval over the seeds. value(key, n)
+    is a cell's metric on its first n samples (None: not drawn); boot_sd(a, b, n, seed), when given, the
+    bootstrap sd of one seed's paired difference (its sampling noise)."""
+    groups = {}
+    for c in configs:
+        groups.setdefault((PROJ.index(c["proj"]), -float(c["width"].replace("-", "0")), c["N"], c["dp"]), []).append(c)
+    rows = []
+    for _, cs in sorted(groups.items()):
+        c0 = cs[0]
+        row = {"proj": c0["proj"], "width": c0["width"], "N": c0["N"], "dp": c0["dp"], "n": c0["n"], "K": c0["K"],
+               "seeds": [c["seed"] for c in cs], "fraction": fraction_range(c0["N"], c0["dp"])}
+        vals = [value(c["cell"], c["n"]) for c in cs]
+        if any(v is None for v in vals):
+            rows.append(dict(row, missing=True))
+            continue
+        row["value"], row["fig"] = float(np.mean(vals)), float(np.mean([value(c["cell"], fig_n) for c in cs]))
+        for m in ("same_n", "nfe", "flops", "wall"):
+            other = [value(c["comp"][m], c["n"]) for c in cs]
+            if any(v is None for v in other):
+                continue
+            d = [a - b for a, b in zip(vals, other)]
+            mean, lo, hi = t_interval(d)
+            row[m] = {"diff": mean, "lo": lo, "hi": hi, "per_seed": d, "verdict": verdict(lo, hi)}
+            if boot_sd is not None:
+                row[m]["boot_sd"] = [boot_sd(c["cell"], c["comp"][m], c["n"], c["seed"]) for c in cs]
+        rows.append(row)
+    return rows
+
+
+def em_curve(configs, value, fig_n) -> dict:
+    """{("em", K): {(seed, net): value}} at the step counts every seed drew (the figure's EM curve)."""
+    curves, seeds = {}, {c["seed"] for c in configs}
+    for c in configs:
+        for key in c["comp"].values():
+            v = value(key, fig_n)
+            if v is not None:
+                curves.setdefault(("em", int(key[2].split("_")[1])), {})[key[:2]] = v
+    return {k: v for k, v in curves.items() if {s for s, _ in v} == seeds}
+
+
+def analyse(out: Path, configs, runs, ref):
+    fd = {}
+
+    def value(key, n):
+        if (key, n) not in fd:
+            f = load_features(out, key, n)
+            fd[(key, n)] = None if f is None else frechet_distance(*Stats(f.shape[1]).add(f).mu_sigma(), *ref)
+        return fd[(key, n)]
+
+    rows = config_rows(configs, value, S["fig_n"])  # the sampling/training split is Table 1's (time)
+    # Table 1 over the width-1 runs, with the variance split
+    table1, w1 = [], [r for r in runs if r.width == "1"]
+    for N in GRID:
+        dp0, n = paper_dp(N), S["table1_samples"]
+        names = {"em": ("em", N, None), "pp": ("pp", N, dp0), "em2n": ("em", 2 * N, None), "heun": ("heun", N, None)}
+        feats = {k: [load_features(out, (r.seed, r.eps_sha, cell_name(*v, "1")), n) for r in w1] for k, v in names.items()}
+        if not w1 or any(f is None for fs in feats.values() for f in fs):
+            continue
+        e = {"N": N, "dp": dp0, "seeds": [r.seed for r in w1]}
+        for k, fs in feats.items():
+            e[k] = spread([value((r.seed, r.eps_sha, cell_name(*names[k], "1")), n) for r in w1],
+                          [bootstrap_se(f, ref, S["n_boot"], r.seed) for f, r in zip(fs, w1)])
+        for a, b in (("pp", "em"), ("pp", "em2n"), ("em2n", "em")):
+            p = [paired_difference(fa, fb, ref, S["n_boot"], r.seed) for fa, fb, r in zip(feats[a], feats[b], w1)]
+            e[f"{a}-{b}"] = spread([x[0] for x in p], [x[1] for x in p])
+        table1.append(e)
+    curves = em_curve(configs, value, S["fig_n"])
+    return rows, table1, curves, value
+
+
+def _iv(d, f=".2f"):
+    return "—" if d is None else f"{d['diff']:+{f}} [{d['lo']:+{f}}, {d['hi']:+{f}}]"
+
+
+def sweep_lines(rows, metric: str, n: int, f: str = ".2f") -> list:
+    """The table of the sweep: per configuration its paired differences against EM at equal cost."""
+    short = {"pays": "**pays**", "loses": "**loses**", "within noise": "·", "one seed": "?"}
+    L = [f"{metric} ({n} samples per cell) of the configuration minus that of EM at K steps, paired within each "
+         "training seed, averaged over the seeds [95% t-interval over the seeds]; negative favours PP. K: the same N; "
+         "equal NFE; equal FLOPs (⌈N(1 + F_T/F_score)⌉); equal wall time (⌈N·r⌉, r from the timing table). "
+         "Verdicts: **pays** (interval below 0), **loses** (above 0), · (within noise). φ: the range of the per-step "
+         "fraction √β·δp·δτ/(1 + √β/2) over the steps.", "",
+         f"| T | N | δp | φ | {metric} | vs EM at N | vs EM, equal NFE (K) | vs EM, equal FLOPs (K) | "
+         "vs EM, equal wall time (K) | NFE / FLOPs / wall |", "|---|---:|---:|---|---:|---|---|---|---|---|"]
+    for r in rows:
+        T = f"learned, width {r['width']}" if r["proj"] == "pp" else LABEL[r["proj"]]
+        fr = f"{r['fraction'][0]:.3f}–{r['fraction'][1]:.2f}"
+        if r.get("missing"):
+            L.append(f"| {T} | {r['N']} | {r['dp']:g} | {fr} | not drawn | | | | | |")
+            continue
+        v = " / ".join(short[r[m]["verdict"]] if m in r else "—" for m in ("nfe", "flops", "wall"))
+        L.append(f"| {T} | {r['N']} | {r['dp']:g} | {fr} | {r['value']:{f}} | {_iv(r.get('same_n'), f)} | "
+                 f"{_iv(r.get('nfe'), f)} ({r['K']['nfe']}) | {_iv(r.get('flops'), f)} ({r['K']['flops']}) | "
+                 f"{_iv(r.get('wall'), f)} ({r['K']['wall']}) | {v} |")
+    done = [r for r in rows if not r.get("missing")]
+    L += ["", f"Verdict counts over the {len(done)} drawn configurations (of {len(rows)}): " + "; ".join(
+        f"{m}: " + ", ".join(f"{sum(1 for r in done if m in r and r[m]['verdict'] == k)} {k}"
+                             for k in ("pays", "loses", "within noise")) for m in ("nfe", "flops", "wall")) + "."]
+    return L
+
+
+def markdown(args, rows, table1, runs, timing) -> str:
+    fl = {r.width: r.flops for r in runs}
+    Fs = next(iter(fl.values()))[0]
+
+    def flops_of(kind, w):
+        return {"em": Fs, "heun": 2 * Fs, "tweedie": 2 * Fs, "tweedie_free": Fs}.get(kind) or sum(fl.get(w, (0, 0)))
+
+    L = [DOC_MARK, "", f"Generated by `python train/run.py {' '.join(args.argv)}` from the cells cached in its --out "
+         f"folder. Training seeds {sorted({r.seed for r in runs})}; T widths "
+         f"{sorted({r.width for r in runs}, key=float, reverse=True)}; digits-FD, lower is better.", ""]
+    L += timing_lines(timing, flops_of)
+    if table1:
+        L += ["", f"### Table 1 over {len(table1[0]['seeds'])} training seeds (width-1 T, the paper's δp)", "",
+              f"{S['table1_samples']} samples per cell. Mean over the seeds [95% t-interval]; the spread over seeds "
+              f"(sd total) split into sampling (the mean bootstrap sd of one cell, {S['n_boot']} resamples) and "
+              "training (√(total² − sampling²), 0 when negative).", "",
+              "| N (δp) | cell | per seed | mean [95% interval] | sd total | sd sampling | sd training |",
+              "|---|---|---|---|---:|---:|---:|"]
+        names = {"em": "EM", "pp": "Predict-Project", "em2n": "EM at 2N steps", "heun": "Heun PF-ODE",
+                 "pp-em": "PP − EM (paired)", "pp-em2n": "PP − EM at 2N (paired)", "em2n-em": "EM 2N − EM N (paired)"}
+        for e in table1:
+            for k, name in names.items():
+                s = e[k]
+                L.append(f"| {e['N']} ({e['dp']:g}) | {name} | {', '.join(f'{v:.2f}' for v in s['values'])} | "
+                         f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] | {s['sd_total']:.2f} | "
+                         f"{s['sd_sampling']:.2f} | {s['sd_training']:.2f} |")
+    L += ["", "### The sweep: paired differences, mean over seeds [95% t-interval]", ""]
+    L += sweep_lines(rows, "digits-FD", S["samples"])
+    return "\n".join(L + ["", "![quality against cost](figures/pp_sweep.png)", ""]) + "\n"
+
+
+def plot(rows, curves, heun, cost, path: Path, ylabel: str, title: str = ""):
+    """Three panels (NFE, FLOPs, wall time per sample): the EM curve, the Heun points and every drawn
+    configuration, each at its mean over the seeds (rows' "fig"; curves {("em", K): {seed: value}})."""
+    plt = pyplot()
+    colours = {"1": "tab:red", "0.5": "tab:orange", "0.25": "tab:olive", "tweedie": "tab:purple",
+               "tweedie_free": "tab:cyan"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), dpi=110)
+    for ax, m, xl in zip(axes, ("nfe", "flops", "wall"), ("NFE per sample", "FLOPs per sample (counted)",
+                                                        "wall time per sample (s, this machine)")):
+        em = sorted((cost("em", k[1], None, m), np.mean(list(v.values()))) for k, v in curves.items())
+        ax.plot(*zip(*em), "k.-", lw=1.2, label="EM (every step count drawn)")
+        if heun:
+            ax.plot(*zip(*sorted((cost("heun", N, None, m), v) for N, v in heun.items())), "b--", marker="D", ms=4,
+                    lw=1, label="Heun PF-ODE")
+        seen = set()
+        for r in rows:
+            if r.get("missing"):
+                continue
+            key = r["width"] if r["proj"] == "pp" else r["proj"]
+            ax.scatter(cost(r["proj"], r["N"], r["width"], m), r["fig"], c=colours.get(key, "gray"),
+                       marker={20: "o", 40: "s", 100: "^"}[r["N"]], s=10 + 8 * math.log10(r["dp"] / 0.1 + 1) ** 2,
+                       alpha=0.8, label=None if key in seen else (
+                           f"PP, learned T width {r['width']}" if r["proj"] == "pp" else LABEL[r["proj"]]))
+            seen.add(key)
+        ax.set(xscale="log", yscale="log", xlabel=xl, ylabel=ylabel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}Predict-Project against EM at equal cost (○ N=20, □ N=40, △ N=100; larger marker = "
+                 "larger δp)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(args, configs, cells, runs, timing, log) -> None:
+    from ..data.datasets import load_digits_tensor
+    from ..evaluation.digits_classifier import DigitsFeatures, get_classifier
+
+    net, _ = get_classifier(args.out / ".cache", resolution=16, epochs=12)
+    feats = DigitsFeatures(net)
+    ref = Stats(feats.dims).add(feats(load_digits_tensor(16)[0])).mu_sigma()
+    rows, table1, curves, value = analyse(args.out, configs, runs, ref)
+    heun = {}
+    for key, (_, kind, steps, _, _, _) in cells.items():
+        if kind == "heun" and value(key, S["fig_n"]) is not None:
+            heun.setdefault(steps, []).append(value(key, S["fig_n"]))
+    heun = {N: float(np.mean(v)) for N, v in heun.items()}
+    doc = args.doc or args.out / "pp_sweep.md"
+    old = doc.read_text() if doc.is_file() else "# Predict-Project sweep\n"
+    doc.write_text(old.split("\n" + DOC_MARK + "\n")[0].rstrip("\n") + "\n\n" + markdown(args, rows, table1, runs, timing))
+    cost = cost_function({r.width: r.flops for r in runs}, timing)
+    for d in [args.out] + ([args.figures] if args.figures else []):
+        plot(rows, curves, heun, cost, Path(d) / "pp_sweep.png", f"digits-FD (mean over seeds, {S['fig_n']} samples)")
+    (args.out / "summary.json").write_text(json.dumps({"rows": rows, "table1": table1}, indent=1, default=str))
+    log(f"wrote {doc} and the figure: {sum(not r.get('missing') for r in rows)} of {len(rows)} configurations drawn")
+
+
+__all__ = ["GRID", "PROJ", "LABEL", "S", "cell_name", "cell_file", "load_features", "paper_dp",
+           "config_rows", "em_curve", "sweep_lines", "plot", "write_report"]
