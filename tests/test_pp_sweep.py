@@ -114,3 +114,17 @@ def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path):
     assert [sub[0][m]["per_seed"] for m in ("nfe", "flops", "wall")] == [ref[m]["per_seed"] for m in ("nfe", "flops", "wall")]
     assert main(common + ["--runs", *runs, "--out", str(tmp_path / "bad"), "--proj", "nope"]) == 2
     assert main(["pp-sweep", "--runs", str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_gmm_proj_net_sets_the_width_of_t_only():
+    from train.engine.config import build
+    from train.engine.errors import UsageError
+    from train.engine.networks import build_nets
+
+    eps, proj = build_nets(build("gmm", True, None, {"proj_net": {"hidden": 32}}, 0))
+    eps0, _ = build_nets(build("gmm", True, None, {}, 0))
+    assert [p.shape for p in eps.parameters()] == [p.shape for p in eps0.parameters()]
+    assert max(p.shape[0] for p in proj.parameters()) == 32
+    for bad in ({"model_channels": 8}, {"hidden": 0}, {"hidden": True}):
+        with pytest.raises(UsageError, match="proj_net takes only"):
+            build("gmm", True, None, {"proj_net": bad}, 0)
