@@ -17,7 +17,8 @@ TIMING = {"sessions": [{"per_step_seconds": {"em": [1.0]}, "batch": 200}],
 
 def test_the_grid_is_the_pre_registered_one():
     # from the paper's delta_p up to the first value whose largest per-step fraction exceeds 1
-    assert R.GRID == {20: (1, 3, 10, 30), 40: (0.4, 1, 3, 10, 30, 100), 100: (0.1, 0.3, 1, 3, 10, 30, 100)}
+    assert R.GRID == {20: (1, 3, 10, 30), 40: (0.4, 1, 3, 10, 30, 100), 100: (0.1, 1, 10, 100)}
+    assert R.TWEEDIE_STEPS == (20, 40)
     for N, dps in R.GRID.items():
         assert dps[0] == pytest.approx(R.paper_dp(N))
         maxes = [R.fraction_range(N, dp)[1] for dp in dps]

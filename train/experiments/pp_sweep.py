@@ -201,7 +201,7 @@ def plan(args, runs: list, timing: dict):
                 if args.delta_p and dp not in args.delta_p:
                     continue
                 for proj in (args.proj or PROJ):
-                    if proj != "pp" and run is not base[run.seed]:
+                    if proj != "pp" and (run is not base[run.seed] or N not in R.TWEEDIE_STEPS):
                         continue
                     K = comparators(N, proj, run.width, run.flops, timing)
                     prio = list(GRID).index(N) if proj == "pp" else len(GRID) + 1 + PROJ.index(proj)

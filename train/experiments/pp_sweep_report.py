@@ -20,9 +20,11 @@ from ..evaluation.report import bootstrap_se, paired_difference
 from .pp_sweep_cost import LABEL, PROJ, cost_function, timing_lines
 
 #: the pre-registered delta_p grid: from the paper's value up to the first value whose largest per-step
-#: fraction sqrt(beta) dp dtau / (1 + sqrt(beta)/2) exceeds 1
-GRID = {20: (1.0, 3.0, 10.0, 30.0), 40: (0.4, 1.0, 3.0, 10.0, 30.0, 100.0),
-        100: (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}
+#: fraction sqrt(beta) dp dtau / (1 + sqrt(beta)/2) exceeds 1; half-decade steps, decade steps at N = 100
+#: (docs/pp_sweep.md, second amendment: budget)
+GRID = {20: (1.0, 3.0, 10.0, 30.0), 40: (0.4, 1.0, 3.0, 10.0, 30.0, 100.0), 100: (0.1, 1.0, 10.0, 100.0)}
+#: the step counts at which the two Tweedie projections are drawn (the same amendment)
+TWEEDIE_STEPS = (20, 40)
 #: sizes (pre-registered; --small shrinks them): samples per sweep cell, per Table 1 cell, per figure point
 S = {"samples": 200, "table1_samples": 400, "fig_n": 200, "batch": 200, "n_boot": 200, "timing_steps": 10,
      "timing_rounds": 7}
@@ -279,5 +281,5 @@ def write_report(args, configs, cells, runs, timing, log) -> None:
     log(f"wrote {doc} and the figure: {sum(not r.get('missing') for r in rows)} of {len(rows)} configurations drawn")
 
 
-__all__ = ["GRID", "PROJ", "LABEL", "S", "cell_name", "cell_file", "load_features", "paper_dp",
+__all__ = ["GRID", "TWEEDIE_STEPS", "PROJ", "LABEL", "S", "cell_name", "cell_file", "load_features", "paper_dp",
            "config_rows", "em_curve", "sweep_lines", "plot", "write_report"]

@@ -171,7 +171,8 @@ def plan_toy(args, timing, F):
                         continue
                     need(seed, base, score, "heun", N)
                     for dp in (d for d in dps if not args.delta_p or d in args.delta_p):
-                        for proj in (p for p in (args.proj or PROJ) if p == "pp" or width == base):
+                        for proj in (p for p in (args.proj or PROJ)
+                                     if p == "pp" or width == base and N in R.TWEEDIE_STEPS):
                             K = comparators(N, proj, rel(width), (F[width][0], F[width][1]), timing)
                             w_em = width if score == "learned" else base
                             comp = {m: need(seed, w_em, score, "em", k) for m, k in K.items()}
