@@ -35,6 +35,8 @@ def block_bootstrap(runs_pts: list, n_boot: int = 1000, block: int = 3, seed: in
     """95% percentile interval of the Theil-Sen slope when each run's checkpoints (in training order) are
     resampled in blocks of `block` consecutive ones: neighbouring checkpoints of a run are dependent, so
     they are kept together; runs are independent, so each is resampled on its own."""
+    if all(len(p) <= block for p in runs_pts):  # no run has two blocks to draw from: nothing to resample
+        return math.nan, math.nan
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_boot):
@@ -108,10 +110,11 @@ def _regime_line(name: str, st: dict) -> str:
     if st["n"] < 3:
         return f"| {name} | {st['n']} | {st['runs']} | — | — | — | — |"
     ts, (lo, hi) = st["theil_sen"], st["ts_interval"]
+    tsi = f"{ts:.2f} [{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) else f"{ts:.2f} [— : ≤ 3 checkpoints per run]"
     pr = ", ".join(f"{v:.2f}" for v in st["per_run"]) or "—"
     rm = f"{st['run_mean'][0]:.2f} [{st['run_mean'][1]:.2f}, {st['run_mean'][2]:.2f}]" if "run_mean" in st else "—"
     rt = st["ratio"]
-    return (f"| {name} | {st['n']} | {st['runs']} | {ts:.2f} [{lo:.2f}, {hi:.2f}] | {pr} → {rm} | "
+    return (f"| {name} | {st['n']} | {st['runs']} | {tsi} | {pr} → {rm} | "
             f"{st['ols'][0]:.2f} ± {st['ols'][2]:.2f} | {rt[0]:.2g} / {rt[1]:.2g} / {rt[2]:.2g} |")
 
 
@@ -184,10 +187,6 @@ def plot(out_dirs, cfgs, results):
             slope, icpt, se = summ["fit"]
             jj = np.geomspace(*summ["J_range"], 50)
             ax.plot(jj, np.exp(icpt) * jj ** slope, "k-", lw=1, label=f"lumped fit above floor: J^{slope:.2f}")
-        jj = np.geomspace(*summ["J_range"], 50)
-        best = min((r["log10_bound"] - 0.5 * math.log10(r["J_g2"]) for r in rows), default=None)
-        if best is not None:  # the bound's own slope-1/2 line through its lowest constant
-            ax.plot(jj, 10 ** best * jj ** 0.5, "m--", lw=1.0, label="bound C·√J at the smallest estimated C")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("J_g2 = ½∫ g² E‖∇log p_t − s_θ‖² dt")
