@@ -19,7 +19,16 @@ COLUMNS = [
     ("% copy BW", ("pct_copy_bw",), lambda v: f"{v:.1f}"),
     ("TFLOP/s", ("tflop_s", "tflops", "TFLOP/s"), lambda v: f"{v:.2f}"),
     ("images/s", ("images_per_s",), lambda v: f"{v:,.1f}"),
+    # bench/test_bench_loop.py: median paired ratio wgfcore / baseline [25-75 % of the rounds]
+    ("÷ hand (wall)", ("ratio_vs_hand_wall",), lambda v: _fmt_ratio(v)),
+    ("÷ hand (CPU)", ("ratio_vs_hand_cpu",), lambda v: _fmt_ratio(v)),
+    ("÷ diffusers (wall)", ("ratio_vs_diffusers_wall",), lambda v: _fmt_ratio(v)),
+    ("÷ k-diffusion (wall)", ("ratio_vs_k-diffusion_wall",), lambda v: _fmt_ratio(v)),
 ]
+
+
+def _fmt_ratio(v: dict) -> str:
+    return f"{v['median']:.2f} [{v['q25']:.2f}, {v['q75']:.2f}]"
 
 
 def _fmt_time(s: float) -> str:
@@ -32,8 +41,9 @@ def _fmt_time(s: float) -> str:
 
 def _value(info: dict, keys):
     for k in keys:
-        if isinstance(info.get(k), (int, float)):
-            return info[k]
+        v = info.get(k)
+        if isinstance(v, (int, float)) or (isinstance(v, dict) and "median" in v):
+            return v
     return None
 
 
@@ -61,6 +71,15 @@ def summarize(data: dict) -> str:
             cells.append("-" if v is None else fmt(v))
         lines.append(f"| {r.get('name', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summarize_records(records: list[dict]) -> str:
+    """The same table from bench/devcheck_plugin.py's JSON-lines rows (a phase whose pytest was
+    killed before it wrote its pytest-benchmark file keeps them)."""
+    rows = [r["bench"] for r in records if r.get("bench")]
+    data = {"benchmarks": [{"name": b["name"], "extra_info": b.get("extra_info", {})} for b in rows],
+            "commit_info": {"id": "see device_check.md"}, "datetime": "see device_check.md"}
+    return "(from the rows file: pytest-benchmark wrote no JSON for this phase)\n\n" + summarize(data)
 
 
 def main(argv=None) -> int:

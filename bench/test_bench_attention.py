@@ -12,6 +12,11 @@ Tuning rows ("triton-g2", "triton-g4"): the Triton kernel at L <= 256 with 2 or 
 pairs per program (kernels.attention.override_config), the lever whose effect is not yet
 measured. `-k "triton-g"` runs just those.
 
+Backward rows ("triton-bwd5", fwd+bwd only, L above the one-tile backward's 64): the atomic
+backward (FA-2's 5 matmuls, dQ added atomically; kernels.attention.use_backward("atomic")) against
+the default two-pass one (7 matmuls, no atomics) in the "triton" rows of the same run: the
+measurement that decides kernels.attention's default. Both rows count the same 3.5 x flops.
+
 On CPU the Triton and CUDA-only rows skip with a reason; small torch rows still run.
 """
 import math
@@ -34,6 +39,7 @@ GPU_SHAPES = [
 CPU_SHAPES = [("cpu-L64", 2, 2, 64, 64)]
 IMPLS = ["triton", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "math"]
 GROUPED = {"triton-g2": 2, "triton-g4": 4}
+BACKWARD_ROWS = {"triton-bwd5": "atomic"}  # impl -> kernels.attention backward kind (fwd+bwd rows)
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -48,7 +54,7 @@ def math_attention(q, k, v):
 
 
 def attention_fn(impl):
-    if impl == "triton" or impl in GROUPED:
+    if impl == "triton" or impl in GROUPED or impl in BACKWARD_ROWS:
         from kernels.attention import attention
 
         return attention
@@ -69,10 +75,11 @@ def _params():
         for name, B, H, L, D in GPU_SHAPES:
             for dtype in (torch.bfloat16, torch.float16):
                 impls = IMPLS + (list(GROUPED) if L <= 256 else [])
+                impls += list(BACKWARD_ROWS) if mode == "fwd+bwd" and L > 64 else []
                 for impl in impls:
                     marks = []
                     if not ON_GPU:
-                        triton_row = impl == "triton" or impl in GROUPED
+                        triton_row = impl == "triton" or impl in GROUPED or impl in BACKWARD_ROWS
                         marks.append(pytest.mark.skip(reason=INTERPRETER_SKIP if triton_row else "CUDA-only row (GPU shapes)"))
                     elif L > 1024 and impl in ("math", "sdpa-math"):
                         marks.append(pytest.mark.skip(reason="L x L scores at L=4096: the math paths are not contenders"))
@@ -85,9 +92,14 @@ def _params():
 
 
 def _grouped(impl, L, D, dtype):
-    """Context that forces GROUP for the tuning rows (a no-op context otherwise)."""
+    """Context that forces GROUP for the tuning rows, or the backward kind for the backward rows
+    (a no-op context otherwise)."""
     import contextlib
 
+    if impl in BACKWARD_ROWS:
+        from kernels.attention import use_backward
+
+        return use_backward(BACKWARD_ROWS[impl])
     if impl not in GROUPED:
         return contextlib.nullcontext()
     from kernels.attention import _one_block_backward, override_config

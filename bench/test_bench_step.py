@@ -109,13 +109,19 @@ def _large_params():
     for update in UPDATES:
         for dname in DTYPES:
             marks = [] if ON_GPU else [pytest.mark.skip(reason="CUDA-only row: 2^27 elements is a bandwidth test")]
-            yield pytest.param(update, dname, marks=marks, id=f"{update}-triton-{dname}-large")
+            yield pytest.param(update, dname, None, marks=marks, id=f"{update}-triton-{dname}-large")
+            if DTYPES[dname].itemsize == 2:
+                # 16-bit states launch 4 warps (16-byte accesses; kernels.sampler_step._launch_config);
+                # this row measures the earlier 8 warps (8-byte accesses) against that choice.
+                yield pytest.param(update, dname, 8, marks=marks, id=f"{update}-triton-w8-{dname}-large")
 
 
-@pytest.mark.parametrize("update,dname", list(_large_params()))
-def test_step_large(benchmark, copy_bandwidth, record_rates, update, dname):
+@pytest.mark.parametrize("update,dname,warps", list(_large_params()))
+def test_step_large(benchmark, copy_bandwidth, record_rates, monkeypatch, update, dname, warps):
     """The public kernel at 2^27 elements, as a share of the same session's copy bandwidth."""
     dtype = DTYPES[dname]
+    if warps is not None:
+        monkeypatch.setattr(ks, "_launch_config", lambda numel, itemsize: (1, warps))
     T = [torch.empty(LARGE, device=DEVICE, dtype=dtype).normal_() for _ in range(OPS[update].nt)]
     C = _coefs(update)
     fn = _fn(update, "triton")
@@ -130,7 +136,7 @@ def test_step_large(benchmark, copy_bandwidth, record_rates, update, dname):
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     nbytes = OPS[update].bytes_per_element() * LARGE * T[0].element_size()
     record_rates(benchmark, calls=calls, nbytes=nbytes, copy_bw=copy_bandwidth,
-                 update=update, impl="triton", dtype=dname, shape=[LARGE])
+                 update=update, impl="triton" if warps is None else f"triton-w{warps}", dtype=dname, shape=[LARGE])
 
 
 # --- host time per call (issue 11 item 2): the public launcher vs the sampling loop's path -------

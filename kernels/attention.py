@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import SUPPORTED_DTYPES, check_device, check_dtype
+from ._common import SUPPORTED_DTYPES, check_device, check_dtype, unit_last
 
-__all__ = ["attention", "attention_forward", "override_config", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["attention", "attention_forward", "override_config", "set_backward", "use_backward", "BACKWARDS",
+           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -28,9 +29,11 @@ _MAX_GRID_DIM1 = 65535
 
 
 # --------------------------------------------------------------------------------------
-# Kernels. Every (B, H, L, D) tensor is addressed through its (batch, head, row) strides;
-# the launcher guarantees a unit stride along D. The log-sum-exp and delta vectors are
-# contiguous (B*H, L) float32 arrays.
+# Kernels. Every (B, H, L, D) tensor has a unit stride along D and is addressed through one of
+# two stride sets, (batch, head, row), that every kernel takes alike: the input set, shared by
+# q, k and v, and the output set, shared by o, dO and the gradients (all allocated, or copied,
+# by the launchers in o's layout). The log-sum-exp and delta vectors are contiguous (B*H, L)
+# float32 arrays.
 #
 # Each program handles GROUP (batch, head) pairs one after the other (grid axis 1 has
 # cdiv(B*H, GROUP) programs): at short L a (batch, head) pair is only a few key blocks of
@@ -52,10 +55,7 @@ def _head_of(pid, g, GROUP: tl.constexpr, BH, H):
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE2,
-    sq_b, sq_h, sq_l,
-    sk_b, sk_h, sk_l,
-    sv_b, sv_h, sv_l,
-    so_b, so_h, so_l,
+    si_b, si_h, si_l, so_b, so_h, so_l,
     H, L, BH, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -72,17 +72,16 @@ def _fwd_kernel(
     for g in range(GROUP):
         bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
         row_ok = row_in & (bh_raw < BH)
+        base = b * si_b + h * si_h
 
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
-                    mask=row_in[:, None], other=0.0)
-        k_base = K + b * sk_b + h * sk_h
-        v_base = V + b * sv_b + h * sv_h
+        q = tl.load(Q + base + offs_m[:, None] * si_l + offs_d[None, :], mask=row_in[:, None], other=0.0)
         if ONE_BLOCK:
             # The whole sequence is one key block (L <= BLOCK_N): a plain softmax, with no
             # running max to rescale against.
             col_ok = offs_n0 < L
-            k = tl.load(k_base + offs_n0[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n0[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            kv = base + offs_n0[:, None] * si_l + offs_d[None, :]
+            k = tl.load(K + kv, mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + kv, mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_i = tl.max(s, 1)
@@ -97,8 +96,9 @@ def _fwd_kernel(
             for start_n in range(0, L, BLOCK_N):
                 offs_n = start_n + offs_n0
                 col_ok = offs_n < L
-                k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                kv = base + offs_n[:, None] * si_l + offs_d[None, :]
+                k = tl.load(K + kv, mask=col_ok[:, None], other=0.0)
+                v = tl.load(V + kv, mask=col_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
                 # Padded keys must get zero weight; -inf makes exp2 exactly 0. Every row has at
                 # least one real key in the first block (L >= 1), so m_new is finite from then on.
@@ -124,14 +124,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_one_block_kernel(
     Q, K, V, O, DO, LSE2, DQ, DK, DV,
-    sq_b, sq_h, sq_l,
-    sk_b, sk_h, sk_l,
-    sv_b, sv_h, sv_l,
-    so_b, so_h, so_l,
-    sdo_b, sdo_h, sdo_l,
-    sdq_b, sdq_h, sdq_l,
-    sdk_b, sdk_h, sdk_l,
-    sdv_b, sdv_h, sdv_l,
+    si_b, si_h, si_l, so_b, so_h, so_l,
     H, L, BH, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -139,20 +132,21 @@ def _bwd_one_block_kernel(
     PRECISION: tl.constexpr,
 ):
     # The whole sequence in one tile (L <= BLOCK): one program owns every query and key of
-    # its (batch, head), so delta, dQ, dK and dV come from one pass and one launch, with
-    # no atomics (FA-2 Alg. 2 with a single outer and inner block).
+    # its (batch, head), so delta, dQ, dK and dV come from one pass, five matmuls and one
+    # launch, with no atomics (FA-2 Alg. 2 with a single outer and inner block).
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     ok = offs < L
     for g in range(GROUP):
         bh_raw, bh, b, h = _head_of(tl.program_id(0), g, GROUP, BH, H)
         st_ok = ok & (bh_raw < BH)
-        q = tl.load(Q + b * sq_b + h * sq_h + offs[:, None] * sq_l + offs_d[None, :], mask=ok[:, None], other=0.0)
-        k = tl.load(K + b * sk_b + h * sk_h + offs[:, None] * sk_l + offs_d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs[:, None] * sv_l + offs_d[None, :], mask=ok[:, None], other=0.0)
-        o = tl.load(O + b * so_b + h * so_h + offs[:, None] * so_l + offs_d[None, :], mask=ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs[:, None] * sdo_l + offs_d[None, :],
-                     mask=ok[:, None], other=0.0)
+        t_in = b * si_b + h * si_h + offs[:, None] * si_l + offs_d[None, :]
+        t_out = b * so_b + h * so_h + offs[:, None] * so_l + offs_d[None, :]
+        q = tl.load(Q + t_in, mask=ok[:, None], other=0.0)
+        k = tl.load(K + t_in, mask=ok[:, None], other=0.0)
+        v = tl.load(V + t_in, mask=ok[:, None], other=0.0)
+        o = tl.load(O + t_out, mask=ok[:, None], other=0.0)
+        do = tl.load(DO + t_out, mask=ok[:, None], other=0.0)
         lse2 = tl.load(LSE2 + bh * L + offs, mask=ok, other=0.0)
         # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij (FA-2 Alg. 2, line 4).
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -164,23 +158,15 @@ def _bwd_one_block_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        tl.store(DQ + b * sdq_b + h * sdq_h + offs[:, None] * sdq_l + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=st_ok[:, None])
-        tl.store(DK + b * sdk_b + h * sdk_h + offs[:, None] * sdk_l + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=st_ok[:, None])
-        tl.store(DV + b * sdv_b + h * sdv_h + offs[:, None] * sdv_l + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=st_ok[:, None])
+        tl.store(DQ + t_out, dq.to(DQ.dtype.element_ty), mask=st_ok[:, None])
+        tl.store(DK + t_out, dk.to(DK.dtype.element_ty), mask=st_ok[:, None])
+        tl.store(DV + t_out, dv.to(DV.dtype.element_ty), mask=st_ok[:, None])
 
 
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, O, DO, LSE2, DELTA, DQ,
-    sq_b, sq_h, sq_l,
-    sk_b, sk_h, sk_l,
-    sv_b, sv_h, sv_l,
-    so_b, so_h, so_l,
-    sdo_b, sdo_h, sdo_l,
-    sdq_b, sdq_h, sdq_l,
+    si_b, si_h, si_l, so_b, so_h, so_l,
     H, L, BH, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -188,9 +174,10 @@ def _bwd_dq_kernel(
     GROUP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One program per query block, sweeping keys: dQ without atomics. It also computes
-    # delta_i = sum_d dO_id O_id for its own rows (FA-2 Alg. 2, line 4) and stores it for
-    # the dK/dV pass launched after it, so no separate pre-processing launch reads dO.
+    # The two-pass backward, pass 1: one program per query block, sweeping keys: dQ without
+    # atomics (3 matmuls per tile). It also computes delta_i = sum_d dO_id O_id for its own rows
+    # (FA-2 Alg. 2, line 4) and stores it for the dK/dV pass launched after it, so no separate
+    # pre-processing launch reads dO.
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -199,24 +186,21 @@ def _bwd_dq_kernel(
     for g in range(GROUP):
         bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
         row_ok = row_in & (bh_raw < BH)
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
-                    mask=row_in[:, None], other=0.0)
-        o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :],
-                    mask=row_in[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :],
-                     mask=row_in[:, None], other=0.0)
+        base = b * si_b + h * si_h
+        t_out = b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :]
+        q = tl.load(Q + base + offs_m[:, None] * si_l + offs_d[None, :], mask=row_in[:, None], other=0.0)
+        o = tl.load(O + t_out, mask=row_in[:, None], other=0.0)
+        do = tl.load(DO + t_out, mask=row_in[:, None], other=0.0)
         lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_in, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * L + offs_m, delta, mask=row_ok)
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-
-        k_base = K + b * sk_b + h * sk_h
-        v_base = V + b * sv_b + h * sv_h
         for start_n in range(0, L, BLOCK_N):
             offs_n = start_n + offs_n0
             col_ok = offs_n < L
-            k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            kv = base + offs_n[:, None] * si_l + offs_d[None, :]
+            k = tl.load(K + kv, mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + kv, mask=col_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
             p = tl.exp2(s - lse2[:, None])
             p = tl.where(row_in[:, None] & col_ok[None, :], p, 0.0)
@@ -225,19 +209,13 @@ def _bwd_dq_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
         dq = dq * scale
-        tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_l + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DQ + t_out, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV,
-    sq_b, sq_h, sq_l,
-    sk_b, sk_h, sk_l,
-    sv_b, sv_h, sv_l,
-    sdo_b, sdo_h, sdo_l,
-    sdk_b, sdk_h, sdk_l,
-    sdv_b, sdv_h, sdv_l,
+    si_b, si_h, si_l, so_b, so_h, so_l,
     H, L, BH, scale, qk_scale_log2,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -245,8 +223,9 @@ def _bwd_dkdv_kernel(
     GROUP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One program owns a block of keys and sweeps all queries, so dK and dV are written
-    # once, without atomics (FA-2 Alg. 2, outer loop over key blocks).
+    # The two-pass backward, pass 2: one program owns a block of keys and sweeps all queries,
+    # so dK and dV are written once, without atomics (FA-2 Alg. 2, outer loop over key blocks;
+    # 4 matmuls per tile, S and dP recomputed after pass 1).
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -255,20 +234,19 @@ def _bwd_dkdv_kernel(
     for g in range(GROUP):
         bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
         col_ok = col_in & (bh_raw < BH)
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :],
-                    mask=col_in[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_l + offs_d[None, :],
-                    mask=col_in[:, None], other=0.0)
+        kv = b * si_b + h * si_h + offs_n[:, None] * si_l + offs_d[None, :]
+        k = tl.load(K + kv, mask=col_in[:, None], other=0.0)
+        v = tl.load(V + kv, mask=col_in[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
 
-        q_base = Q + b * sq_b + h * sq_h
-        do_base = DO + b * sdo_b + h * sdo_h
+        q_base = Q + b * si_b + h * si_h
+        do_base = DO + b * so_b + h * so_h
         for start_m in range(0, L, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < L
-            q = tl.load(q_base + offs_m[:, None] * sq_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdo_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            q = tl.load(q_base + offs_m[:, None] * si_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * so_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
             # Transposed tile: rows are keys, columns are queries, P^T = exp2(S2^T - LSE2).
@@ -280,11 +258,85 @@ def _bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-        dk = dk * scale
-        tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_l + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_l + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        kv_out = b * so_b + h * so_h + offs_n[:, None] * so_l + offs_d[None, :]
+        tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    so_b, so_h, so_l,
+    H, L, BH,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # delta_i = sum_d dO_id O_id for one block of rows of one (batch, head): the pre-processing
+    # launch of the atomic backward (FA-2 Alg. 2, line 4), whose programs are key blocks.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    bh = tl.program_id(1)
+    ok = offs_m < L
+    t_out = (bh // H) * so_b + (bh % H) * so_h + offs_m[:, None] * so_l + offs_d[None, :]
+    o = tl.load(O + t_out, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + t_out, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _bwd_atomic_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ_ACC, DK, DV,
+    si_b, si_h, si_l, so_b, so_h, so_l,
+    H, L, BH, scale, qk_scale_log2,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # The atomic backward: FA-2 Alg. 2 as written, 5 matmuls per tile. A program owns a block of
+    # keys and sweeps all queries (as pass 2 above), and also forms dQ_i += dS K_j for each query
+    # block, adding it into a float32 dQ accumulator with atomics (relaxed: only the sum matters,
+    # read after the launch). S and dP are computed once, not twice. The order of the atomic
+    # additions varies from run to run on a GPU: dQ's last bits are not deterministic.
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    col_in = offs_n < L
+    for g in range(GROUP):
+        bh_raw, bh, b, h = _head_of(tl.program_id(1), g, GROUP, BH, H)
+        col_ok = col_in & (bh_raw < BH)
+        kv = b * si_b + h * si_h + offs_n[:, None] * si_l + offs_d[None, :]
+        k = tl.load(K + kv, mask=col_in[:, None], other=0.0)
+        v = tl.load(V + kv, mask=col_in[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+
+        q_base = Q + b * si_b + h * si_h
+        out_base = b * so_b + h * so_h
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < L
+            q = tl.load(q_base + offs_m[:, None] * si_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            t_out = out_base + offs_m[:, None] * so_l + offs_d[None, :]
+            do = tl.load(DO + t_out, mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2
+            p_t = tl.exp2(s_t - lse2[None, :])
+            p_t = tl.where(row_ok[None, :] & col_in[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale
+            # A trailing program's duplicate pair (bh_raw >= BH) must add nothing.
+            tl.atomic_add(DQ_ACC + t_out, dq, mask=row_ok[:, None] & (bh_raw < BH), sem="relaxed")
+
+        kv_out = out_base + offs_n[:, None] * so_l + offs_d[None, :]
+        tl.store(DK + kv_out, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + kv_out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------
@@ -317,7 +369,8 @@ _FWD_TABLE = {
 
 @functools.lru_cache(maxsize=1024)
 def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options for one kernel: "fwd", "bwd" or "bwd1" (one-tile backward).
+    """Block sizes and launch options for one kernel: "fwd", "bwd" (the two-pass backward's two
+    kernels), "bwd5" (the atomic backward's kernel) or "bwd1" (one-tile backward).
 
     The interpreter gets small fixed tiles: it is a correctness mode, and 16-wide tiles make
     the tests exercise multi-block loops and masked tails at small L, the one-block paths at
@@ -354,7 +407,8 @@ def _config(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK=one, num_warps=8, num_stages=1, GROUP=1)
     # Unmeasured: the earlier backward tiles; at D=128 8 warps, as the dK/dV pass spilled
     # 80 bytes per thread at 4 (sm_90 build, ptxas -v) and none at 8; fp32 at 32x32, as the
-    # earlier 32x64 spilled 192-740 bytes.
+    # earlier 32x64 spilled 192-740 bytes. "bwd5" (unmeasured) starts from the same tiles: its
+    # kernel holds the dK/dV pass's tiles plus one dQ tile.
     bm, bn = (32, 32) if wide else (32, 64) if D == 128 else (64, 64)
     warps = 8 if D == 128 else 4
     return dict(BLOCK_M=min(bm, one), BLOCK_N=min(bn, one), num_warps=warps, num_stages=2, GROUP=1)
@@ -413,14 +467,23 @@ def _check_inputs(q, k, v, scale):
     return scale
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    # The kernels assume unit stride along D (coalesced loads); batch/head/row strides
-    # are free, so views such as a transposed (B, L, H, D) layout need no copy.
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _inputs(q, k, v):
+    """q, k, v as the kernels read them (kernels._common's one layout policy): one stride set with a
+    unit stride along D, as views of one (B, L, 3, H, D) qkv tensor or three like-strided tensors
+    are; otherwise all three are copied to contiguous tensors."""
+    if q.stride() == k.stride() == v.stride() and unit_last(q):
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _strides(x: torch.Tensor):
+def _rows(x: torch.Tensor):
+    """The (batch, head, row) strides of a (B, H, L, D) tensor: its stride set."""
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _like_out(o: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An empty tensor in o's layout ((B, L, H, D) memory seen as (B, H, L, D)): the output set."""
+    return torch.empty_like(o, dtype=dtype)
 
 
 _OVERRIDES: dict = {}
@@ -428,7 +491,7 @@ _OVERRIDES: dict = {}
 
 @contextlib.contextmanager
 def override_config(kind: str, L: int, D: int, dtype: torch.dtype, **cfg):
-    """Within the block, launch `kind` ("fwd", "bwd", "bwd1") at (L, D, dtype) with `cfg`
+    """Within the block, launch `kind` ("fwd", "bwd", "bwd5", "bwd1") at (L, D, dtype) with `cfg`
     (BLOCK_M, BLOCK_N or BLOCK, num_warps, num_stages, GROUP) replacing the table's entries:
     for tuning rows in bench/, so a measured configuration can then go into the table."""
     key = (kind, L, D, dtype)
@@ -448,6 +511,37 @@ def _launch_cfg(kind: str, L: int, D: int, dtype: torch.dtype) -> dict:
     return _OVERRIDES.get((kind, L, D, dtype)) or _config(kind, L, D, dtype)
 
 
+# --------------------------------------------------------------------------------------
+# Backward choice
+# --------------------------------------------------------------------------------------
+#: The multi-block backwards (L above one tile), selectable by `set_backward` / `use_backward`:
+#: "two_pass": a dQ kernel then a dK/dV kernel, no atomics, deterministic; S and dP are
+#: computed in both (7 matmuls per tile pair). The default until a GPU measures the other faster.
+#: "atomic": FA-2 Alg. 2 as written, one delta launch and one kernel of 5 matmuls per tile pair,
+#: dQ added into a float32 accumulator with atomics (its last bits vary from run to run on a GPU)
+#: and cast to the storage dtype after. bench/test_bench_attention.py times both ("triton-bwd5").
+BACKWARDS = ("two_pass", "atomic")
+_BACKWARD = {"kind": "two_pass"}
+
+
+def set_backward(kind: str) -> str:
+    """Make `kind` (one of BACKWARDS) the multi-block backward of every later call; returns the previous one."""
+    if kind not in BACKWARDS:
+        raise ValueError(f"set_backward: kind must be one of {BACKWARDS}, got {kind!r}")
+    previous, _BACKWARD["kind"] = _BACKWARD["kind"], kind
+    return previous
+
+
+@contextlib.contextmanager
+def use_backward(kind: str):
+    """Within the block, backward passes use `kind` (see BACKWARDS)."""
+    previous = set_backward(kind)
+    try:
+        yield
+    finally:
+        set_backward(previous)
+
+
 def _forward(q, k, v, scale):
     B, H, L, D = q.shape
     # o is written in (B, L, H, D) memory and returned as its (B, H, L, D) view: the U-Net
@@ -457,8 +551,7 @@ def _forward(q, k, v, scale):
     cfg = _launch_cfg("fwd", L, D, q.dtype)
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(B * H, cfg["GROUP"]))
     _fwd_kernel[grid](
-        q, k, v, o, lse2,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        q, k, v, o, lse2, *_rows(q), *_rows(o),
         H, L, B * H, scale * _LOG2E,
         D=D, PRECISION=_precision(q.dtype), **cfg,
     )
@@ -466,34 +559,43 @@ def _forward(q, k, v, scale):
 
 
 def _backward(q, k, v, o, lse2, do, scale):
+    """dq, dk, dv (in o's layout) from the saved forward and dO (copied into o's layout if not in it)."""
     B, H, L, D = q.shape
-    do = _unit_last(do)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if do.stride() != o.stride():
+        do = _like_out(o).copy_(do)
+    dk, dv = _like_out(o), _like_out(o)
     prec = _precision(q.dtype)
     BH = B * H
+    rows = (*_rows(q), *_rows(o))
     if _one_block_backward(L, D, q.dtype):
+        dq = _like_out(o)
         cfg = _launch_cfg("bwd1", L, D, q.dtype)
         _bwd_one_block_kernel[(triton.cdiv(BH, cfg["GROUP"]),)](
-            q, k, v, o, do, lse2, dq, dk, dv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
-            *_strides(dq), *_strides(dk), *_strides(dv),
+            q, k, v, o, do, lse2, dq, dk, dv, *rows,
             H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
         )
         return dq, dk, dv
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if _BACKWARD["kind"] == "atomic":
+        cfg = _launch_cfg("bwd5", L, D, q.dtype)
+        bm = cfg["BLOCK_M"]
+        _bwd_delta_kernel[(triton.cdiv(L, bm), BH)](o, do, delta, *_rows(o), H, L, BH, D=D, BLOCK_M=bm)
+        dq_acc = torch.zeros_like(o, dtype=torch.float32)
+        _bwd_atomic_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), triton.cdiv(BH, cfg["GROUP"]))](
+            q, k, v, do, lse2, delta, dq_acc, dk, dv, *rows,
+            H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
+        )
+        return dq_acc.to(q.dtype), dk, dv
+    dq = _like_out(o)
     cfg = _launch_cfg("bwd", L, D, q.dtype)
     n_m, n_n = triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(L, cfg["BLOCK_N"])
     # dQ first: it also writes delta, which the dK/dV pass reads (same stream, in order).
     _bwd_dq_kernel[(n_m, triton.cdiv(BH, cfg["GROUP"]))](
-        q, k, v, o, do, lse2, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
+        q, k, v, o, do, lse2, delta, dq, *rows,
         H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
     )
     _bwd_dkdv_kernel[(n_n, triton.cdiv(BH, cfg["GROUP"]))](
-        q, k, v, do, lse2, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        q, k, v, do, lse2, delta, dk, dv, *rows,
         H, L, BH, scale, scale * _LOG2E, D=D, PRECISION=prec, **cfg,
     )
     return dq, dk, dv
@@ -540,7 +642,7 @@ def _attention_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torc
 
 @_attention_bwd_op.register_fake
 def _(q, k, v, o, lse2, do, scale):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    return _like_out(o), _like_out(o), _like_out(o)
 
 
 def _op_setup(ctx, inputs, output):
@@ -566,7 +668,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     (B, H, L): the statistic the backward pass recomputes P from.
     """
     scale = _check_inputs(q, k, v, scale)
-    o, lse2 = _forward(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+    o, lse2 = _forward(*_inputs(q, k, v), scale)
     return o, lse2 * _LN2
 
 
@@ -578,7 +680,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale defaults to 1/sqrt(D). Accumulation is in float32; memory is O(B H L D).
     """
     scale = _check_inputs(q, k, v, scale)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = _inputs(q, k, v)
     if torch.compiler.is_compiling():
         return _attention_fwd_op(q, k, v, scale)[0]
     return _FlashAttention.apply(q, k, v, scale)

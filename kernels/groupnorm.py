@@ -13,7 +13,9 @@ variance about the mean, output) -- a two-pass variance, as exact as torch's -- 
 statistic in float32.
 The output has the dtype of x (under autocast the next op is a convolution that casts to 16 bits
 anyway, so a float32 output would only double the traffic). Any memory format whose spatial
-dimensions flatten to one stride works, NCHW and channels_last included.
+dimensions flatten to one stride is read in place, NCHW and channels_last included, and y keeps it;
+any other input is copied to a contiguous one first, and y is contiguous (`_empty_out`, the one rule
+that the kernels and the custom ops' fake implementations share).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import check_device, check_dtype
+from ._common import addressable, check_device, check_dtype
 
 __all__ = ["group_norm_act"]
 
@@ -228,17 +230,25 @@ def _blocks(groups: int, cg: int, p: int) -> dict:
     return dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=8 if block_g * block_c * block_p >= tile else 4)
 
 
+def _spatial_merges(x: torch.Tensor) -> bool:
+    """Whether x's spatial dimensions flatten to one stride (NCHW, channels_last, any dense layout
+    with its spatial dims in order): then the kernels address x as (B, C, P) without a copy."""
+    return all(x.shape[i] == 1 or x.stride(i) == x.shape[i + 1] * x.stride(i + 1) for i in range(2, x.dim() - 1))
+
+
 def _as_bcp(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """x as (B, C, P) strides; copies only if the spatial dims do not flatten to one stride."""
-    B, C = x.shape[:2]
-    sp = x.shape[2:]
-    view = x
-    for i in range(2, x.dim() - 1):
-        if x.shape[i] > 1 and x.stride(i) != x.shape[i + 1] * x.stride(i + 1):
-            view = x.contiguous()
-            break
-    ps = view.stride(-1) if len(sp) else 1
+    """x as (B, C, P) strides; a contiguous copy only if its spatial dims do not flatten to one stride."""
+    view = addressable(x, _spatial_merges)  # kernels._common's one layout policy
+    ps = view.stride(-1) if view.dim() > 2 else 1
     return view, (view.stride(0), view.stride(1), ps)
+
+
+def _empty_out(x: torch.Tensor) -> torch.Tensor:
+    """The layout of y (forward) and dx (backward): the one rule that the kernels and the custom ops'
+    fake implementations share. x's own memory format where its spatial dims merge (empty_like keeps
+    a dense layout, and gives a non-dense x the format torch suggests for it), else contiguous, as the
+    copy that `_as_bcp` then makes."""
+    return torch.empty_like(x) if _spatial_merges(x) else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _per_channel(name: str, t, B: int, C: int, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +290,7 @@ def _forward(x, groups, weight, bias, scale, shift, eps, act):
     B, C = x.shape[:2]
     xv, sx = _as_bcp(x)
     P = xv.numel() // (B * C)
-    y = torch.empty_like(xv)  # same memory format as x (dense layouts keep their strides)
+    y = _empty_out(x)
     _, sy = _as_bcp(y)
     mean = torch.empty(B * groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
@@ -304,7 +314,7 @@ def _backward(x, dy, groups, weight, bias, scale, shift, mean, rstd, act):
     xv, sx = _as_bcp(x)
     dyv, sdy = _as_bcp(dy)
     P = xv.numel() // (B * C)
-    dx = torch.empty_like(xv)
+    dx = _empty_out(x)
     _, sdx = _as_bcp(dx)
     f32 = dict(dtype=torch.float32, device=x.device)
     dw, db = torch.empty(B, C, **f32), torch.empty(B, C, **f32)
@@ -355,7 +365,7 @@ def _gn_fwd_op(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
 @_gn_fwd_op.register_fake
 def _(x, groups, weight, bias, scale, shift, eps, act):
     stats = x.new_empty(x.shape[0] * groups, dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return _empty_out(x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("wgfcore::group_norm_act_bwd", mutates_args=())
@@ -369,7 +379,7 @@ def _gn_bwd_op(x: torch.Tensor, dy: torch.Tensor, groups: int, weight: torch.Ten
 @_gn_bwd_op.register_fake
 def _(x, dy, groups, weight, bias, scale, shift, mean, rstd, act):
     B, C = x.shape[:2]
-    out = [torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)]
+    out = [_empty_out(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)]
     return out + ([x.new_empty(B, C, dtype=torch.float32) for _ in range(2)] if scale is not None else [])
 
 
@@ -398,8 +408,8 @@ def group_norm_act(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: tor
 
     x: (B, C, ...) float32/float16/bfloat16 on CUDA (or CPU under TRITON_INTERPRET=1), any
     memory format; weight, bias: (C,); scale, shift: (B, C) or (B, C, 1, 1), both or neither;
-    act: SiLU if True, else the identity. Statistics in float32; the output has x's dtype and
-    memory format.
+    act: SiLU if True, else the identity. Statistics in float32; the output has x's dtype, and x's
+    memory format when its spatial dims flatten to one stride (else it is contiguous).
     """
     scale2, shift2 = _check(x, groups, weight, bias, scale, shift, eps)
     # scale2/shift2 are (B, C) views of scale/shift: autograd maps their gradients back.

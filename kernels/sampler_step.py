@@ -7,48 +7,55 @@ The math mirrors `wgfcore.ops` (its oracle) term for term, in the same order, in
 """
 from __future__ import annotations
 
-import numbers
+import warnings
+import weakref
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import INTERPRETED
-from ._common import SUPPORTED_DTYPES, check_device, check_dtype
+from . import _common as C
+from ._common import FLAG_CLEAR, STEP_DTYPES, SUPPORTED_DTYPES
+from .noise import NOISE_R
 from .optable import OPS, StepOp
 
-__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R"]
+__all__ = ["predict", "em", "project", "heun", "TritonSteps", "SUPPORTED_DTYPES", "STEP_DTYPES", "NOISE_R",
+           "FLAG_CLEAR"]
 
-# Noise layout. One Philox4x32-10 call on counter c yields four normals (two Box-Muller pairs);
-# they go to elements g*4R + k*R + r (k = 0..3) where c = g*R + r. So four elements share one
-# counter and the whole tile stays coalesced. The layout depends on R alone (never on the launch
-# configuration: groups per program, warps), so a (seed, step) pair gives the same noise on every
-# device and tile size. R = 1024 is kept: the H100 measurements (README of
-# shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast as R = 512 in bf16 and
-# faster in fp32, and a new R would change every recorded noise stream.
-NOISE_R = 1024
+# Noise layout (kernels/noise.py writes it out in torch). One Philox4x32-10 call on counter c yields
+# four normals (two Box-Muller pairs); they go to elements g*4R + k*R + r (k = 0..3) where
+# c = g*R + r. So four elements share one counter and the whole tile stays coalesced. The layout
+# depends on R alone (never on the launch configuration: groups per program, warps), so a
+# (seed, step) pair gives the same noise on every device and tile size. R = 1024 is kept: the H100
+# measurements (README of shared/measurements/h100-2026-11-25) found R = 1024 with 8 warps as fast
+# as R = 512 in bf16 and faster in fp32, and a new R would change every recorded noise stream.
 _GROUP = 4 * NOISE_R
-# Element offsets are int32; the last group may run up to _GROUP - 1 past numel.
-_MAX_NUMEL = 2**31 - _GROUP
 
-# Coefficient modes (how the kernel obtains each coefficient); the same names inside the kernels.
-COEF_VALUE: tl.constexpr = tl.constexpr(0)       # a python float argument
-COEF_SCALAR_PTR: tl.constexpr = tl.constexpr(1)  # a 0-d tensor, loaded in-kernel
-COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(2)  # entry b of a (B,) tensor
-# Noise modes.
-NOISE_NONE: tl.constexpr = tl.constexpr(0)       # no c_z z term
-NOISE_EXPLICIT: tl.constexpr = tl.constexpr(1)   # z is a tensor argument
-NOISE_PHILOX: tl.constexpr = tl.constexpr(2)     # z drawn in-kernel from Philox keyed by (seed, step)
+# Noise transforms, chosen by the storage dtype (kernels/noise.py is their reference in torch):
+# fp32 and fp64 states keep Triton's randn4x (full-accuracy log, sin, cos on 31-bit uniforms), so
+# every recorded fp32 noise stream stays as it was. 16-bit states (which round z to 8 or 11
+# significant bits) use Box-Muller on 24-bit uniforms with the GPU's approximate log2, sqrt, sin,
+# cos (one special-function instruction each, against some 40-100 instructions each for the
+# full-accuracy sin, cos and log): the same Philox words, the same element layout.
+_FAST_MATH: tl.constexpr = tl.constexpr(not INTERPRETED)  # the interpreter has no libdevice
+_TWO_POW_M24: tl.constexpr = tl.constexpr(2.0**-24)
+_TWO_PI: tl.constexpr = tl.constexpr(6.283185307179586)
+_MINUS_2_LN2: tl.constexpr = tl.constexpr(-1.3862943611198906)
+
+# Coefficient and noise modes (kernels._common holds their values, shared with the C++ backend);
+# the same names inside the kernels.
+COEF_VALUE: tl.constexpr = tl.constexpr(C.COEF_VALUE)            # a python float argument
+COEF_SCALAR_PTR: tl.constexpr = tl.constexpr(C.COEF_SCALAR_PTR)  # a 0-d tensor, loaded in-kernel
+COEF_SAMPLE_PTR: tl.constexpr = tl.constexpr(C.COEF_SAMPLE_PTR)  # entry b of a (B,) tensor
+NOISE_NONE: tl.constexpr = tl.constexpr(C.NOISE_NONE)            # no c_z z term
+NOISE_EXPLICIT: tl.constexpr = tl.constexpr(C.NOISE_EXPLICIT)    # z is a tensor argument
+NOISE_PHILOX: tl.constexpr = tl.constexpr(C.NOISE_PHILOX)        # z drawn in-kernel from Philox keyed by (seed, step)
 # Which tensor is a network output whose finiteness the sampling loop's kernel checks.
 CHECK_NONE: tl.constexpr = tl.constexpr(0)
 CHECK_T1: tl.constexpr = tl.constexpr(1)         # s in predict/em, T in project
 CHECK_T3: tl.constexpr = tl.constexpr(3)         # s' in heun (its s was checked by the predict before it)
-#: the guard flag's value while no network output was non-finite (steps lower it by atomic min)
-FLAG_CLEAR = 2**62
-
-# Storage dtypes of the step kernels: the attention set plus float64 (stored in fp64, computed
-# in fp32 exactly as wgfcore.ops does, so that backend="triton" accepts what "torch" accepts).
-STEP_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -65,6 +72,41 @@ def _coef(c, stride, b, mask, MODE: tl.constexpr):
     else:
         v = tl.load(c + b * stride, mask=mask, other=0.0).to(tl.float32)
     return v
+
+
+@triton.jit
+def _box_muller16(w_r, w_a):
+    """Two normals from two Philox words, for 16-bit states: radius from w_r, angle from w_a.
+
+    u = (w_r >> 8) + 1) 2^-24 in (0, 1] and t = (int32(w_a) >> 8) 2^-24 in [-1/2, 1/2), both exact
+    in fp32; r = sqrt(-2 ln 2 log2 u); returns (r cos 2 pi t, r sin 2 pi t). The angle stays in
+    [-pi, pi), where the GPU's sin.approx / cos.approx are accurate to about 2^-21.
+    """
+    u = ((w_r >> 8) + 1).to(tl.float32) * _TWO_POW_M24
+    theta = ((w_a.to(tl.int32, bitcast=True) >> 8).to(tl.float32) * _TWO_POW_M24) * _TWO_PI
+    if _FAST_MATH:
+        log2u = libdevice.fast_log2f(u)
+        c = libdevice.fast_cosf(theta)
+        s = libdevice.fast_sinf(theta)
+    else:
+        log2u = tl.log2(u)
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    # The approximate log2 may return a hair above 0 just below u = 1: clamp, never a NaN.
+    r = tl.sqrt(tl.maximum(log2u * _MINUS_2_LN2, 0.0))
+    return r * c, r * s
+
+
+@triton.jit
+def _normal4(key, counter, FAST: tl.constexpr):
+    """Four standard normals per Philox4x32-10 counter (keyed by `key`): two Box-Muller pairs."""
+    if FAST:
+        w0, w1, w2, w3 = tl.randint4x(key, counter)
+        n0, n1 = _box_muller16(w0, w1)
+        n2, n3 = _box_muller16(w2, w3)
+    else:
+        n0, n1, n2, n3 = tl.randn4x(key, counter)
+    return n0, n1, n2, n3
 
 
 @triton.jit
@@ -120,7 +162,8 @@ def _tile(g, seed, step, out_ptr, t0, t1, t2, t3, z_ptr, c0, c1, c2, c3, cz, s0,
         # Philox key = (seed, step) as its (low, high) 32-bit words: every step of every seed
         # is its own stream; the counter is the element's group-local index.
         key = seed.to(tl.uint32).to(tl.uint64) | (step.to(tl.uint32).to(tl.uint64) << 32)
-        n0, n1, n2, n3 = tl.randn4x(key, g * R + r)
+        # Storage dtype (constexpr): 16-bit states take the cheaper transform (see _FAST_MATH).
+        n0, n1, n2, n3 = _normal4(key, g * R + r, out_ptr.dtype.element_ty.primitive_bitwidth == 16)
     else:
         n0 = 0.0
         n1 = 0.0
@@ -151,7 +194,12 @@ def _affine_kernel(out_ptr, t0, t1, t2, t3, z_ptr,
               s0, s1, s2, s3, sz, numel, inner, NT, NOISE, M0, M1, M2, M3, MZ, PER_SAMPLE, R, CHECK_NONE)
 
 
-@triton.jit(do_not_specialize=["numel", "step"])
+# `step` changes every launch: not specialised (one compiled variant serves every step). `numel`
+# is fixed for a whole sampling run and specialised: Triton compiles one variant per class
+# (1, a multiple of 16, other), and a multiple of 16 lets every load and store be a 16-byte
+# vector (with _launch_config's warps), against 4 bytes in fp32 and 2 in bf16 without the hint
+# (sm_90 builds, issue 18). The seed is read from the device and never specialises anything.
+@triton.jit(do_not_specialize=["step"])
 def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, step,
                   NT: tl.constexpr, NOISE: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr,
                   CHECK: tl.constexpr):
@@ -194,20 +242,28 @@ def _table_kernel(out_ptr, t0, t1, t2, t3, coef_ptr, seed_ptr, flag_ptr, numel, 
             tl.atomic_min(flag_ptr, step.to(tl.int64))
 
 
-def _launch_config(numel: int) -> tuple[int, int]:
-    """(groups per program, num_warps). One group = 4 R = 4096 elements.
+def _launch_config(numel: int, itemsize: int) -> tuple[int, int]:
+    """(groups per program, num_warps) for `numel` elements whose narrowest tensor has `itemsize` bytes.
 
-    On GPU: one group of 4096 elements per program with 8 warps (8 elements per thread per
-    tile, across its four quarter-tiles). The H100 measurements found this tile layout at 99%
-    of copy bandwidth in fp32 and 73% in bf16 for a minimal kernel of the same form, against
-    92% / 60% with 4 warps: more warps hide the Philox + Box-Muller latency. That this
-    kernel reaches it too is for the 2^27-element rows of bench/test_bench_step.py to show.
+    One group = 4 R = 4096 elements, handled as four quarter-tiles of R elements, so a thread
+    holds R / (32 num_warps) consecutive elements of each: its vector width. 16-byte accesses
+    (the widest) take 4 fp32 elements (8 warps) or 8 16-bit ones (4 warps).
+    fp32 and fp64: 8 warps. The H100 measurements found this tile layout at 99% of copy bandwidth
+    in fp32 for a minimal kernel of the same form (92% with 4 warps).
+    16-bit: 4 warps, for 16-byte accesses. Unmeasured: the same measurements found 8 warps
+    better in bf16 (73% against 60%), but with 8-byte accesses and the full-accuracy noise
+    transform, whose latency the extra warps hid; the "-w8" rows of bench/test_bench_step.py
+    measure 8 warps against this choice.
+    fp64 (a CPU-parity path): 4 warps; at 8, the sm_90 build of the public kernel with 0-d
+    coefficients spills 8 bytes per thread, at 4 none.
+    The narrowest tensor decides: an fp32 state with a bf16 network output takes 4 warps, or
+    that output would be read 8 bytes at a time.
     Interpreter: one group per program (it runs programs one after another anyway).
     Neither number changes the noise (see NOISE_R).
     """
     if INTERPRETED:
         return 1, 4
-    return 1, 8
+    return 1, (8 if itemsize == 4 else 4)
 
 
 # --------------------------------------------------------------------------------------
@@ -215,84 +271,8 @@ def _launch_config(numel: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 # Python-side values of the modes (the launchers compare and pass plain ints).
-_VALUE, _SCALAR_PTR, _SAMPLE_PTR = COEF_VALUE.value, COEF_SCALAR_PTR.value, COEF_SAMPLE_PTR.value
-_NO_NOISE, _EXPLICIT, _PHILOX = NOISE_NONE.value, NOISE_EXPLICIT.value, NOISE_PHILOX.value
+_VALUE, _NO_NOISE, _EXPLICIT, _PHILOX = C.COEF_VALUE, C.NOISE_NONE, C.NOISE_EXPLICIT, C.NOISE_PHILOX
 _CHECKS = {1: CHECK_T1.value, 3: CHECK_T3.value}  # kernels.optable's `checked` -> the kernel's CHECK
-
-
-def _pack(spec: StepOp, tab: torch.Tensor) -> torch.Tensor:
-    """A sampler table (N, spec.ncol) as the table kernel's (N, NT + 1) fp32 rows (kernels.optable)."""
-    tab = tab.to(torch.float32)
-    cols = [tab[:, k] if isinstance(k, int) else tab.new_full((tab.shape[0],), k) for k in spec.kernel_columns()]
-    return torch.stack(cols, 1).contiguous()
-
-
-def _check_tensors(op: str, named: dict[str, torch.Tensor]):
-    """All tensors: same shape, dtype, device; supported dtype; contiguous. Returns the first."""
-    items = list(named.items())
-    for name, t in items:
-        if not torch.is_tensor(t):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    name0, x = items[0]
-    for name, t in items[1:]:
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {name0} is on {x.device}; all tensors must "
-                             "share one device")
-    for name, t in items[1:]:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {name0} has {x.dtype}; all tensors must share "
-                            "one storage dtype")
-    check_dtype(op, x.dtype, STEP_DTYPES)
-    if x.ndim < 1:
-        raise ValueError(f"{op}: {name0} must have shape (B, ...), got a 0-d tensor")
-    for name, t in items[1:]:
-        if t.shape != x.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {name0}'s shape {tuple(x.shape)}")
-    for name, t in items:
-        # Rejected rather than copied: a hidden .contiguous() would add a full extra pass.
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
-                             "call .contiguous() first")
-    check_device(op, x)
-    if x.numel() > _MAX_NUMEL:
-        raise ValueError(f"{op}: at most {_MAX_NUMEL} elements per call (int32 offsets), got {x.numel()}")
-    return x
-
-
-def _coef_arg(op: str, name: str, c, x: torch.Tensor):
-    """(argument, stride, mode) for a coefficient: python number, 0-d tensor or (B,) tensor.
-
-    Tensors stay on the device and are loaded in-kernel: no host sync, no copy.
-    """
-    if torch.is_tensor(c):
-        if not c.is_floating_point():
-            raise TypeError(f"{op}: coefficient {name} must be a floating tensor, got dtype {c.dtype}")
-        if c.device != x.device:
-            raise ValueError(f"{op}: coefficient {name} is on {c.device} but the tensors are on {x.device}; "
-                             "compute the coefficient tables on the device before the loop")
-        if c.ndim == 0:
-            return c, 0, _SCALAR_PTR
-        if c.ndim == 1 and c.shape[0] == x.shape[0]:
-            if c.dtype == torch.bfloat16 and INTERPRETED:
-                raise TypeError(f"{op}: the Triton interpreter has no bfloat16; coefficient {name} is bfloat16")
-            return c, c.stride(0), _SAMPLE_PTR
-        raise ValueError(f"{op}: coefficient {name} must be a scalar or have shape (B,) = ({x.shape[0]},), "
-                         f"got shape {tuple(c.shape)}")
-    if isinstance(c, numbers.Real) and not isinstance(c, bool):
-        return float(c), 0, _VALUE
-    raise TypeError(f"{op}: coefficient {name} must be a python number or a tensor, got {type(c).__name__}")
-
-
-def _check_key(op: str, seed, step):
-    """seed and step as python ints in [0, 2**32); numpy integers are accepted."""
-    if type(seed) is int and type(step) is int and 0 <= seed < 2**32 and 0 <= step < 2**32:
-        return seed, step  # the common case, without the abstract-base-class checks below
-    for name, v in (("seed", seed), ("step", step)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be an integer for in-kernel noise, got {type(v).__name__}")
-        if not 0 <= int(v) < 2**32:
-            raise ValueError(f"{op}: {name} must lie in [0, 2**32), got {v}")
-    return int(seed), int(step)
 
 
 def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=None, out=None):
@@ -301,33 +281,23 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
     `coefs` are `spec.columns` in order; the noise column may be None (no noise term).
     """
     op = spec.name
-    c_z = coefs[spec.columns.index(spec.noise)] if spec.noise is not None else None
-    if c_z is None:
-        if z is not None:
-            raise ValueError(f"{op}: z was given but c_z is None; pass c_z to inject noise")
-        noise = _NO_NOISE
-    elif z is not None:
-        if seed is not None:
-            raise ValueError(f"{op}: give either an explicit z or a seed for in-kernel noise, not both")
-        noise = _EXPLICIT
-    else:
-        if seed is None or step is None:
-            raise ValueError(f"{op}: c_z is given: pass z, or seed= and step= to draw the noise in-kernel")
-        noise = _PHILOX
+    noise = C.noise_mode(spec, coefs, z, seed, step)
     named = dict(zip(spec.tensors, tensors))
     if noise == _EXPLICIT:
         named["z"] = z
-    if out is not None:
-        named["out"] = out
-    x = _check_tensors(op, named)
+    named = C.check_tensors(op, named, out=out)  # non-contiguous inputs come back copied (kernels._common)
+    x = named[spec.tensors[0]]
+    tensors = [named[n] for n in spec.tensors]
+    z = named.get("z")
     if noise == _PHILOX:
-        seed, step = _check_key(op, seed, step)
+        seed, step = C.check_key(op, seed, step)
     else:
         seed, step = 0, 0
     by_name = dict(zip(spec.columns, coefs))
-    args = [_coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), 0, _VALUE) for a in spec.scales]
+    args = [C.coef_arg(op, a, by_name[a], x) if isinstance(a, str) else (float(a), 0, _VALUE) for a in spec.scales]
     args += [(0.0, 0, _VALUE)] * (4 - spec.nt)  # unused coefficient slots (NT < 4)
-    args.append(_coef_arg(op, spec.noise, c_z, x) if noise != _NO_NOISE else (0.0, 0, _VALUE))
+    c_z = by_name.get(spec.noise)
+    args.append(C.coef_arg(op, spec.noise, c_z, x) if noise != _NO_NOISE else (0.0, 0, _VALUE))
 
     if out is None:
         out = torch.empty_like(x)
@@ -338,8 +308,8 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
     ts = list(tensors)
     ts += [ts[0]] * (4 - spec.nt)  # unused pointer slots, never loaded (NT is constexpr)
     z_arg = z if noise == _EXPLICIT else ts[0]
-    per_sample = any(mode == _SAMPLE_PTR for _, _, mode in args)
-    groups, num_warps = _launch_config(numel)
+    per_sample = any(mode == C.COEF_SAMPLE_PTR for _, _, mode in args)
+    groups, num_warps = _launch_config(numel, x.element_size())
     # Plain integer ceil-division: triton.cdiv called from Python goes through the JIT's
     # call machinery, which measured ~30 us per call on a loaded CPU here.
     grid = (-(-numel // (_GROUP * groups)),)
@@ -357,9 +327,10 @@ def _launch(spec: StepOp, tensors: tuple, coefs: tuple, z=None, seed=None, step=
 # Public launchers, one per update of kernels.optable (and of wgfcore.ops)
 # --------------------------------------------------------------------------------------
 # Coefficients: python numbers, 0-d tensors or (B,) tensors on the tensors' device (any floating
-# dtype; loaded and used in fp32). Tensors: one shape (B, ...), one dtype (fp32/fp16/bf16), one
-# device, contiguous (non-contiguous input is rejected, never silently copied). The result has
-# x's dtype; `out=` may alias an input (each element is read before it is written). The kernels
+# dtype; loaded and used in fp32). Tensors: one shape (B, ...), one dtype (fp32/fp16/bf16/fp64),
+# one device; a non-contiguous input is copied once (kernels._common's one layout policy), `out=`
+# must be contiguous. The result has x's dtype; `out=` may alias an input (each element is read
+# before it is written). The kernels
 # define no backward: outputs never require grad (sampling needs none; use wgfcore.ops for that).
 
 
@@ -395,6 +366,66 @@ def heun(x, s, x_p, s_p, c_x, c_s, c_xp, c_sp, *, out=None) -> torch.Tensor:
 # The sampling loop's backend: validate once per run, then launch with pre-bound arguments
 # --------------------------------------------------------------------------------------
 
+# The slim launch: a step through the compiled kernel's own launcher, arguments pre-bound.
+# Triton's normal launch (JITFunction.run) binds the arguments, computes their specialisation
+# and its cache key, looks the kernel up, then calls CompiledKernel.run. In a sampling run
+# everything but the tensors and the step index is the same for every step of one variant, so
+# after the first normal launch of a variant TritonSteps calls CompiledKernel.run directly.
+# That launcher's calling convention is Triton's internal one (3.x: grid, stream, function,
+# packed metadata, launch metadata, enter and exit hooks, then every kernel argument); the
+# first slim launch of a variant is checked bit for bit against the normal one, and any
+# failure (another Triton version) turns the slim path off for the process with one warning.
+_SLIM_STATE = {"ok": True}
+_SLIM_CHECKED = weakref.WeakSet()  # compiled kernels whose slim launch passed the check
+
+
+def _cuda_stream() -> int:
+    # What Triton's own launch passes (driver.active.get_current_stream): the current raw stream
+    # of the current device, so a launch inside a CUDA-graph capture lands in the graph.
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+
+
+def _facts(out, t0, t1, t2, t3):
+    """What a compiled variant was specialised on that may change between steps: the tensors'
+    dtypes and whether every pointer is 16-byte aligned (Triton's pointer specialisation)."""
+    aligned = ((out.data_ptr() | t0.data_ptr() | t1.data_ptr() | t2.data_ptr() | t3.data_ptr()) & 15) == 0
+    return t0.dtype, t1.dtype, t2.dtype, t3.dtype, aligned
+
+
+class _SlimLaunch:
+    """One compiled variant of `_table_kernel` with its launcher and fixed arguments bound."""
+
+    __slots__ = ("run", "function", "meta", "grid0", "fixed", "consts", "stream", "facts")
+
+    def __init__(self, compiled, grid0: int, seed_t, flag, numel: int, kw: dict, facts, stream):
+        self.run, self.function, self.meta = compiled.run, compiled.function, compiled.packed_metadata
+        self.grid0, self.fixed, self.facts, self.stream = grid0, (seed_t, flag, numel), facts, stream
+        # The constexprs, positionally in the kernel's parameter order, as the normal launch passes them.
+        self.consts = tuple(kw[name] for name in _table_kernel.arg_names[10:])
+
+    def __call__(self, out, t0, t1, t2, t3, tab, i):
+        seed_t, flag, numel = self.fixed
+        self.run(self.grid0, 1, 1, self.stream(), self.function, self.meta, None, None, None,
+                 out, t0, t1, t2, t3, tab, seed_t, flag, numel, i, *self.consts)
+
+
+def _was_checked(compiled, add: bool = False) -> bool:
+    try:
+        if add:
+            _SLIM_CHECKED.add(compiled)
+        return compiled in _SLIM_CHECKED
+    except TypeError:  # not weak-referenceable: check it in every run
+        return False
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch hook (a profiler's) is installed: those need the normal launch, which builds
+    their launch metadata. Triton 3.8 keeps the hooks as always-present chains, empty by default."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    hooks = [getattr(runtime, name, None) for name in ("launch_enter_hook", "launch_exit_hook")]
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
+
+
 class TritonSteps:
     """Step backend for `wgfcore.sample` with the fused kernels (the protocol of `wgfcore.ops.TorchSteps`).
 
@@ -413,13 +444,7 @@ class TritonSteps:
     name = "triton"
 
     def __init__(self, seed, device=None):
-        if torch.is_tensor(seed):
-            if seed.ndim != 0 or seed.dtype != torch.int64:
-                raise TypeError(f"TritonSteps: a seed tensor must be 0-d int64, got {seed.dtype} of shape "
-                                f"{tuple(seed.shape)}")
-            self.seed = seed
-        else:
-            self.seed, _ = _check_key("TritonSteps", seed, 0)
+        self.seed = C.check_seed("TritonSteps", seed)
         self.device = torch.device(device) if device is not None else None
         self._tables = None
         #: after plan(): a 0-d int64 device tensor, FLAG_CLEAR until a checked network output held
@@ -428,22 +453,14 @@ class TritonSteps:
 
     def plan(self, x: torch.Tensor, tables: dict) -> "TritonSteps":
         """Validate x and the tables once; keep everything a launch needs. Returns self."""
-        _check_tensors("TritonSteps", {"x": x})
+        C.check_tensors("TritonSteps", {"x": x})
+        if not x.is_contiguous():  # the loop hands this state to every step unchecked: no copy can help
+            raise ValueError(f"TritonSteps: the state x must be contiguous (strides {x.stride()} for shape "
+                             f"{tuple(x.shape)})")
         if self.device is not None and x.device != self.device:
             raise ValueError(f"TritonSteps: built for {self.device}, got a state on {x.device}")
-        packed = {}
-        for name, tab in tables.items():
-            spec = OPS.get(name)
-            if spec is None:
-                raise ValueError(f"TritonSteps: unknown coefficient table {name!r}; known: {sorted(OPS)}")
-            cols = ", ".join(spec.columns)
-            if (not torch.is_tensor(tab) or tab.ndim != 2 or tab.shape[1] != spec.ncol
-                    or not tab.is_floating_point()):
-                raise ValueError(f"TritonSteps: table {name!r} must be a floating (N, {spec.ncol}) tensor with columns "
-                                 f"({cols}), got {getattr(tab, 'shape', type(tab).__name__)}")
-            if tab.device != x.device:
-                raise ValueError(f"TritonSteps: table {name!r} is on {tab.device}, the state on {x.device}")
-            packed[name] = (_pack(spec, tab), tab.shape[0])
+        packed = {name: (C.pack_table(spec, tab), tab.shape[0])
+                  for name, (spec, tab) in C.check_tables("TritonSteps", x, tables).items()}
         seed = self.seed
         if torch.is_tensor(seed):
             if seed.device != x.device:
@@ -454,15 +471,19 @@ class TritonSteps:
         self.finite_flag = torch.full((), FLAG_CLEAR, dtype=torch.int64, device=x.device)
         self._tables = packed
         self._numel = x.numel()
-        groups, num_warps = _launch_config(self._numel)
-        self._run = _table_kernel[(max(1, -(-self._numel // (_GROUP * groups))),)]
+        groups, num_warps = _launch_config(self._numel, x.element_size())
+        self._itemsize = x.element_size()
+        self._grid0 = max(1, -(-self._numel // (_GROUP * groups)))
+        self._run = _table_kernel[(self._grid0,)]
+        self._slim = {}  # (op, noisy) -> _SlimLaunch, or None once it cannot be used
         self._kw = {(op, noisy): dict(NT=spec.nt, NOISE=_PHILOX if noisy else _NO_NOISE, CHECK=_CHECKS[spec.checked],
                                       R=NOISE_R, GROUPS=groups, num_warps=num_warps)
                     for op, spec in OPS.items() for noisy in ((False, True) if spec.noise else (False,))}
         return self
 
     def accept(self, t: torch.Tensor) -> torch.Tensor:
-        """A network output as the kernels take it: contiguous, and no bfloat16 in the interpreter.
+        """A network output as the kernels take it: addressable (kernels._common's one layout policy:
+        contiguous here), and no bfloat16 in the interpreter.
 
         Both conversions keep every value, so the torch and Triton backends see the same numbers.
         Other floating dtypes (fp16/bf16/fp32/fp64) go to the kernel as they are: it loads each
@@ -470,7 +491,7 @@ class TritonSteps:
         """
         if INTERPRETED and t.dtype == torch.bfloat16:
             t = t.float()
-        return t if t.is_contiguous() else t.contiguous()
+        return C.addressable(t)
 
     def _step(self, table, i, t0, t1, t2, t3, op, noisy):
         tab, n = self._tables[table]
@@ -478,9 +499,46 @@ class TritonSteps:
             raise IndexError(f"TritonSteps: step {i} outside the planned table {table!r} of {n} rows")
         out = torch.empty_like(t0)
         if self._numel:
-            self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i,
-                      **self._kw[(op, noisy)])
+            key = (op, noisy)
+            slim = self._slim.get(key)
+            if slim is not None and slim.facts == _facts(out, t0, t1, t2, t3):
+                slim(out, t0, t1, t2, t3, tab, i)
+            else:
+                kw = self._kw[key]
+                narrow = min(t1.element_size(), t2.element_size(), t3.element_size())
+                if narrow < self._itemsize:  # a 16-bit network output: its own warp count (_launch_config)
+                    kw = dict(kw, num_warps=_launch_config(self._numel, narrow)[1])
+                compiled = self._run(out, t0, t1, t2, t3, tab, self._seed_t, self.finite_flag, self._numel, i, **kw)
+                if key not in self._slim:
+                    self._slim[key] = self._bind_slim(key, compiled, out, (t0, t1, t2, t3), tab, i)
         return out
+
+    def _bind_slim(self, key, compiled, out, ts, tab, i):
+        """A checked `_SlimLaunch` for variant `key` after its first normal launch (which wrote
+        `out` and returned `compiled`), or None: the normal launch then serves every step."""
+        if compiled is None or not _SLIM_STATE["ok"] or _launch_hooks_set():
+            return None  # the interpreter launches no compiled kernel
+        try:
+            if out.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None  # the check below reads the result back: not possible while capturing
+            slim = _SlimLaunch(compiled, self._grid0, self._seed_t, self.finite_flag, self._numel, self._kw[key],
+                               _facts(out, *ts), _cuda_stream if out.is_cuda else lambda: 0)
+            if _was_checked(compiled):  # in an earlier run: no second launch, no sync
+                return slim
+            again = torch.empty_like(out)
+            slim(again, *ts, tab, i)
+            # Same inputs, same step: the flag's atomic min is idempotent, the noise is the same.
+            problem = None if torch.equal(again, out) else "its result differs from the normal launch's"
+        except Exception as e:  # any Triton whose launcher is not the one this was written for
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            _was_checked(compiled, add=True)
+            return slim
+        _SLIM_STATE["ok"] = False
+        warnings.warn(f"TritonSteps: the slim launch through the compiled kernel's own launcher is off ({problem}; "
+                      f"triton {triton.__version__}); every step takes Triton's normal launch", RuntimeWarning,
+                      stacklevel=4)
+        return None
 
     # The network output of each update (kernels.optable: `checked`) is checked for NaN/inf
     # into finite_flag by the kernel that reads it anyway.

@@ -1,12 +1,15 @@
 """Shared test configuration: Triton interpreter on CPU, deterministic hypothesis runs."""
+import json
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit function is defined (kernels/__init__ does the same).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from cli_support import TINY  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # The tests use small tensors, where intra-op threads cost more than they give; on a loaded
@@ -21,3 +24,11 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A --config file holding cli_support.TINY (the CLI tests' tiny run)."""
+    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    p.write_text(json.dumps(TINY))
+    return str(p)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels import INTERPRETED
-from kernels.attention import SUPPORTED_HEAD_DIMS, attention, attention_forward
+from kernels.attention import BACKWARDS, SUPPORTED_HEAD_DIMS, attention, attention_forward, use_backward
 
 if not INTERPRETED and not torch.cuda.is_available():  # pragma: no cover
     pytest.skip("needs CUDA or the Triton interpreter", allow_module_level=True)
@@ -158,21 +158,49 @@ def test_forward_and_lse_match_fp64(B, H, L, D, dtype, seed, scale, amp):
     check(B, H, L, D, dtype, seed, scale=scale, amp=amp, names=("o", "lse"))
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @settings(max_examples=20, deadline=None)
 @given(**shapes)
-def test_gradients_match_fp64(B, H, L, D, dtype, seed):
+def test_gradients_match_fp64(backward, B, H, L, D, dtype, seed):
     # Unit-variance inputs and the default scale, as in the flash-attention tests. In very
     # peaked fp16 softmaxes (logits of tens), delta = rowsum(dO * O) built from the
     # fp16-rounded O can cost dK/dQ up to ~2.5x torch's error (seen once in 150 such
     # cases); that is inherent to FA-2's backward, and the forward test covers peaked cases.
-    check(B, H, L, D, dtype, seed, names=("dq", "dk", "dv"))
+    # Both multi-block backwards (the one-tile backward at L <= 16 is shared by both).
+    with use_backward(backward):
+        check(B, H, L, D, dtype, seed, names=("dq", "dk", "dv"))
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("L", [1, 15, 16, 17, 48])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_tile_boundaries(L, dtype):
+def test_tile_boundaries(L, dtype, backward):
     # Deterministic coverage of exact multiples of the tile and one-off tails.
-    check(1, 2, L, 32, dtype, seed=L)
+    with use_backward(backward):
+        check(1, 2, L, 32, dtype, seed=L)
+
+
+def test_atomic_backward_shares_dk_dv_and_bounds_dq():
+    """The atomic backward forms dK and dV exactly as the two-pass one's dK/dV kernel (same
+    products, same order): the same bits in the interpreter. dQ is summed in another order (the
+    check above bounds its error against fp64)."""
+    q, k, v, do = make_inputs(2, 3, 40, 64, torch.float16, seed=5)
+    runs = {}
+    for kind in BACKWARDS:
+        with use_backward(kind):
+            runs[kind] = run_all(q, k, v, do, None, 1 / 8)["kernel"]
+    a, b = runs["two_pass"], runs["atomic"]
+    if INTERPRETED:
+        assert torch.equal(a["dk"], b["dk"]) and torch.equal(a["dv"], b["dv"])
+    torch.testing.assert_close(a["dq"], b["dq"], rtol=2e-3, atol=2e-3)  # two fp16 roundings of one sum
+
+
+def test_set_backward_rejects_unknown_kinds():
+    from kernels.attention import set_backward
+
+    with pytest.raises(ValueError, match="kind must be one of"):
+        set_backward("fa3")
+    assert set_backward("two_pass") == "two_pass"
 
 
 def test_default_scale_is_inverse_sqrt_d():
@@ -241,20 +269,23 @@ def test_bf16_on_interpreter_is_rejected_clearly():
         attention(x, x, x)
 
 
+@pytest.mark.parametrize("backward", BACKWARDS if INTERPRETED else ["two_pass"])  # GPU atomics: any order
 @pytest.mark.parametrize("group", [1, 3])
-def test_head_grouping_is_bitwise_neutral(group):
+def test_head_grouping_is_bitwise_neutral(group, backward):
     # Merging (batch, head) pairs per program (GROUP) changes which program computes a pair,
     # not the arithmetic: outputs and gradients must be bitwise those of the default
     # configuration, including a trailing program whose pairs run past B*H (5 pairs, 3 per
-    # program). L=20 takes the two-kernel backward, L=9 the one-tile backward.
+    # program), which must add nothing to the atomic backward's dQ. L=20 takes a multi-block
+    # backward, L=9 the one-tile backward.
     from kernels.attention import override_config
 
     for L in (9, 20):
         q, k, v, do = make_inputs(1, 5, L, 32, torch.float32, seed=L)
-        base = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
-        bwd = "bwd1" if L <= 16 else "bwd"
+        with use_backward(backward):
+            base = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
+        bwd = "bwd1" if L <= 16 else "bwd5" if backward == "atomic" else "bwd"
         with override_config("fwd", L, 32, torch.float32, GROUP=group), \
-                override_config(bwd, L, 32, torch.float32, GROUP=group):
+                override_config(bwd, L, 32, torch.float32, GROUP=group), use_backward(backward):
             got = run_all(q, k, v, do, None, 1 / math.sqrt(32))["kernel"]
         for name in ("o", "lse", "dq", "dk", "dv"):
             assert torch.equal(got[name], base[name]), (name, L, group)
@@ -269,3 +300,38 @@ def test_override_config_rejects_unknown_keys():
 
 
 # Compiled (not interpreted) builds of the attention kernels for sm_90, without a GPU: tests/test_build_check.py.
+
+
+# --- the custom ops (torch.compile's path): fake implementations agree with the kernels ----------
+
+def _qkv(layout, g):
+    B, H, L, D = 1, 2, 18, 32  # L > 16: the multi-block backwards in the interpreter
+    if layout == "contiguous":
+        return [torch.randn(B, H, L, D, generator=g) for _ in range(3)]
+    if layout == "bLhd":  # three (B, L, H, D) tensors seen as (B, H, L, D)
+        return [torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3)]
+    if layout == "packed":  # views of one (B, L, 3, H, D) qkv tensor, as the U-Net's token layout
+        return list(torch.randn(B, L, 3, H, D, generator=g).permute(2, 0, 3, 1, 4))
+    if layout == "mixed":  # unlike strides: copied to contiguous by the launcher
+        return [torch.randn(B, H, L, D, generator=g), torch.randn(B, L, H, D, generator=g).transpose(1, 2),
+                torch.randn(B, H, D, L, generator=g).transpose(-1, -2)]
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("layout", ["contiguous", "bLhd", "packed", "mixed"])
+def test_custom_ops_pass_opcheck(layout, backward):
+    """Schema, autograd registration, fake tensors (shapes and strides equal to the kernels'), AOT
+    dispatch: the forward op once per input layout, the backward op per backward kind, with dO in
+    o's layout and (for contiguous inputs) a contiguous dO, which the launcher copies into o's layout."""
+    from kernels.attention import _attention_bwd_op, _attention_fwd_op, _inputs
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(*(x.to(DEVICE) for x in _qkv(layout, g)))  # what attention() hands the op
+    if backward == BACKWARDS[0]:
+        torch.library.opcheck(_attention_fwd_op, (q, k, v, 0.2))
+    o, lse2 = _attention_fwd_op(q, k, v, 0.2)
+    dos = [torch.randn_like(o)] + ([torch.randn(o.shape, generator=g).to(DEVICE)] if layout == "contiguous" else [])
+    with use_backward(backward):
+        for do in dos:
+            torch.library.opcheck(_attention_bwd_op, (q, k, v, o, lse2, do, 0.2))

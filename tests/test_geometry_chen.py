@@ -175,7 +175,8 @@ def test_command_errors_are_one_line_exit_2(tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"preset": "tiny", "resolution": 16, "channels": 1, "iterations": 3}))
     cases.append((["--run", str(empty)], "no readable checkpoint"))
-    rgb, _ = tiny_run(tmp_path / "rgb", dataset="svhn", channels=3)
+    rgb, _ = tiny_run(tmp_path / "rgb", dataset="svhn", channels=3,
+                      eval={"metric": "fid", "rows": ["em"], "steps": [2], "samples": 4, "batch": 4})
     cases.append((["--run", str(rgb)], "digits-FD is defined for the 1x16x16 digits"))
     wide, _ = tiny_run(tmp_path / "wide", weights_net={**TINY_NET, "model_channels": 16})
     cases.append((["--run", str(wide)], "do not fit"))  # the checkpoint's weights are not its config's network

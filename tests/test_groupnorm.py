@@ -202,3 +202,73 @@ def test_bad_inputs_raise_clear_errors(over, exc, match):
 def test_bf16_on_interpreter_is_rejected_clearly():
     with pytest.raises(TypeError, match="interpreter has no bfloat16"):
         group_norm_act(**_args(x=torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)))
+
+
+# --- every layout the op accepts: the custom ops' fake implementations agree with the kernels -----
+
+def _layout(name, g):
+    """A (B, C, ...) input of shape (2, 4, 3, 5) (or its 2-D, 3-D, 5-D kin) in memory layout `name`."""
+    if name == "nchw":
+        return torch.randn(2, 4, 3, 5, generator=g)
+    if name == "channels_last":
+        return torch.randn(2, 4, 3, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    if name == "hw_swapped":  # dense, but H and W in the wrong order: the spatial dims do not merge
+        return torch.randn(2, 4, 5, 3, generator=g).transpose(2, 3)
+    if name == "channel_slice":  # not dense: half the channels of a wider tensor
+        return torch.randn(2, 8, 3, 5, generator=g)[:, 2:6]
+    if name == "bcl":
+        return torch.randn(2, 4, 7, generator=g)
+    if name == "bc":
+        return torch.randn(2, 4, generator=g)
+    if name == "channels_last_3d":
+        return torch.randn(2, 4, 2, 3, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    raise AssertionError(name)
+
+
+LAYOUTS = ["nchw", "channels_last", "hw_swapped", "channel_slice", "bcl", "bc", "channels_last_3d"]
+
+
+@pytest.mark.parametrize("layout,has_ss", [(name, True) for name in LAYOUTS] + [("nchw", False), ("hw_swapped", False)])
+def test_custom_ops_pass_opcheck_on_every_layout(layout, has_ss):
+    """torch.library.opcheck: schema, autograd registration, fake tensors (output shapes and strides
+    equal to the kernels'), AOT dispatch, for the forward op and the backward op, on every layout,
+    including one whose spatial dims cannot be merged (the kernels copy it; y comes back contiguous).
+    Without scale-shift (the optional arguments absent) on a mergeable and an unmergeable layout;
+    dy as the gradient of a sum (expanded, stride 0) on NCHW."""
+    from kernels.groupnorm import _gn_bwd_op, _gn_fwd_op
+
+    g = torch.Generator().manual_seed(LAYOUTS.index(layout))
+    x = _layout(layout, g).to(DEVICE)
+    B, C = x.shape[:2]
+    w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
+    ss = [torch.randn(B, C, generator=g).to(DEVICE) for _ in range(2)] if has_ss else [None, None]
+    torch.library.opcheck(_gn_fwd_op, (x, 2, w, b, *ss, 1e-5, True))
+    y, mean, rstd = _gn_fwd_op(x, 2, w, b, *ss, 1e-5, True)
+    dys = [torch.randn_like(y)] + ([torch.randn(1, *x.shape[1:], device=DEVICE).expand(x.shape)]
+                                   if layout == "nchw" else [])
+    for dy in dys:
+        torch.library.opcheck(_gn_bwd_op, (x, dy, 2, w, b, *ss, mean, rstd, True))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_the_contiguous_result(layout):
+    """Whatever the layout, the same values (bit for bit) as the contiguous input, forward and backward;
+    y and dx in x's memory format where its spatial dims merge and x is dense, else contiguous."""
+    g = torch.Generator().manual_seed(7)
+    x = _layout(layout, g).to(DEVICE)
+    C = x.shape[1]
+    w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
+    dy = torch.randn(x.shape, generator=g).to(DEVICE)
+    outs = []
+    for xx in (x, x.contiguous()):
+        xx = xx.detach().clone(memory_format=torch.preserve_format).requires_grad_() if xx is x else \
+            xx.detach().requires_grad_()
+        y = group_norm_act(xx, 2, w, b)
+        (dx,) = torch.autograd.grad(y, xx, dy)
+        outs.append((y, dx))
+    (y, dx), (y0, dx0) = outs
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    if layout in ("hw_swapped", "channel_slice"):
+        assert y.is_contiguous()

@@ -72,3 +72,17 @@ def test_torchrun_two_gloo_processes(tmp_path):
     # the paired value is recomputed from the gathered features (not the streamed sums): equal to rounding
     assert abs(val["pp_minus_em"] - (val["pp"] - val["em"])) < 1e-4 * max(1.0, abs(val["pp"]))
     assert r.stdout.count("| Predict-Project |") == 1  # only rank 0 prints the table
+
+
+def test_nproc_per_node_launches_the_same_run(tmp_path):
+    """`train/run.py --nproc-per-node 2` starts the processes as torchrun does (the same elastic launcher)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    cfg = tmp_path / "ddp.json"
+    cfg.write_text(json.dumps({"batch_size": 8, "log_every": 1, "ckpt_every": 2, "warmup": 2,
+                               "net": {"model_channels": 16, "head_channels": 32}}))
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--nproc-per-node=2", "--quick", "--config",
+                        str(cfg), "--iterations", "2", "--device", "cpu", "--out", str(tmp_path / "r"), "--no-eval",
+                        "--no-progress"], capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2 and state["world_size"] == 2 and len(state["rng"]) == 2

@@ -1,10 +1,10 @@
 """Reproduce the experiments of Ghimire et al.: train, evaluate, write a run folder.
 
     python train/run.py                      # main job: digits (built in), tiny U-Nets, CPU, digits-FD table
-    python train/run.py --quick              # the same pipeline in under two minutes (smoke test)
+    python train/run.py --quick              # the same pipeline with a tiny budget (smoke test)
     python train/run.py --dataset gmm        # the 2-D toy job: W2 of every sampler (train/jobs/toy.py)
     python train/run.py --dataset celeba --data-root /data       # paper run (Appendix B config, GPU)
-    torchrun --nproc_per_node=8 train/run.py --dataset lsun_church --data-root /data
+    python train/run.py --nproc-per-node 8 --dataset lsun_church --data-root /data   # DDP (or torchrun)
     python train/run.py eval --fid --run runs/celeba-...         # pytorch-fid FID, 50K samples per cell
     python train/run.py export --run runs/digits-... --to docs   # README table and figures
     python train/run.py chen | chen-optimal | kwon ...           # the studies in train/experiments/
@@ -16,6 +16,7 @@ exit code 2 (a diverged training run: exit 3). See `python train/run.py --help`,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from train.engine import distributed as D  # noqa: E402
 from train.engine.cli import (Parser, at_least, decay, device, guarded, ints, names, nonneg_int,  # noqa: E402
-                              pos_float, pos_int)
+                              path_str, pos_float, pos_int, seed, threads)
 from train.engine.config import DATASETS  # noqa: E402
 from train.engine.errors import UsageError  # noqa: E402
 from train.experiments import EXPERIMENTS  # noqa: E402
@@ -41,7 +43,7 @@ from train.jobs.toy import toy_job  # noqa: E402
 SUBCOMMANDS = ("train", "eval", "export", *EXPERIMENTS)
 #: flags of the image jobs that mean nothing to the gmm job (and the reverse): given, they are errors
 IMAGE_ONLY = ("data_root", "preset", "fused", "num_workers", "sample_every", "eval_rows", "eval_batch",
-              "inception_weights", "check_data", "no_eval", "cache_dir")
+              "inception_weights", "check_data", "no_eval", "cache_dir", "score_from", "proj_width")
 GMM_ONLY = ("hidden",)
 
 
@@ -56,6 +58,8 @@ def delta_tau(s: str):
             f = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a step size or step counts, got {s!r}") from None
+        if not math.isfinite(f):
+            raise argparse.ArgumentTypeError(f"expected a step size in (0, 0.999) or step counts N >= 2, got {s!r}")
         v = [int(f)] if f >= 2 and f == int(f) else f
     if isinstance(v, float) and not 0 < v < 0.999 or isinstance(v, list) and min(v) < 2:
         raise argparse.ArgumentTypeError(f"expected a step size in (0, 0.999) or step counts N >= 2, got {s!r}")
@@ -70,7 +74,10 @@ def compile_backend(s: str) -> str | bool:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device, help="cpu, cuda, cuda:1 or auto (default; gmm: cpu)")
-    p.add_argument("--threads", type=pos_int, help="torch CPU threads (default: the config's cpu_threads on CPU)")
+    p.add_argument("--nproc-per-node", type=pos_int, default=1, metavar="K",
+                   help="run in K processes (DDP: one per GPU, or gloo on CPU), as torchrun --nproc_per_node=K "
+                        "would, but a user error stays one line with exit code 2")
+    p.add_argument("--threads", type=threads, help="torch CPU threads (default: the config's cpu_threads on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, type=compile_backend, metavar="BACKEND",
                    help="wrap the networks in torch.compile for training and evaluation (backend: inductor, or "
@@ -87,25 +94,32 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="digits (default): built in (scikit-learn's 1797 8x8 digits upsampled to 16x16); celeba, "
                         "lsun_church, svhn: need --data-root; gmm: the 2-D toy job (train/jobs/toy.py)")
-    p.add_argument("--data-root", help="folder holding img_align_celeba/, church_outdoor_train_lmdb/ or "
+    p.add_argument("--data-root", type=path_str, help="folder holding img_align_celeba/, church_outdoor_train_lmdb/ or "
                                        "train_32x32.mat")
-    p.add_argument("--config", help="JSON file whose keys override the dataset's config (train/configs/)")
-    p.add_argument("--quick", action="store_true", help="tiny budget: whole run in under 2 minutes on a CPU")
-    p.add_argument("--out", help="run folder (default: <runs-dir>/<dataset>-<timestamp>)")
+    p.add_argument("--config", type=path_str,
+                   help="JSON file whose keys override the dataset's config (train/configs/)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budget: the whole pipeline as a smoke test (its numbers mean nothing)")
+    p.add_argument("--out", type=path_str, help="run folder (default: <runs-dir>/<dataset>-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
-    p.add_argument("--runs-dir", default="runs", help="parent of new run folders (default: ./runs)")
-    p.add_argument("--resume", help="a checkpoint file, a run folder, or 'auto' (newest run of this dataset, "
+    p.add_argument("--runs-dir", type=path_str, default="runs", help="parent of new run folders (default: ./runs)")
+    p.add_argument("--resume", type=path_str,
+                   help="a checkpoint file, a run folder, or 'auto' (newest run of this dataset, "
                                     "or --out's)")
-    p.add_argument("--seed", type=nonneg_int, default=None,
+    p.add_argument("--seed", type=seed, default=None,
                    help="seed of weights, data order, noise, evaluation (default: the config's, else 0)")
     p.add_argument("--fused", action="store_true",
                    help="Triton kernels: fused sampler steps and attention (the interpreter on CPU)")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--check-data", action="store_true",
                    help="decode every training image before training (a corrupt file is named in one line)")
-    p.add_argument("--cache-dir", default=None, help="cache of the digits classifier and FID reference "
+    p.add_argument("--cache-dir", type=path_str, default=None, help="cache of the digits classifier and FID reference "
                                                      "statistics (default: <runs-dir>/.cache)")
-    p.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth (FID)")
+    p.add_argument("--inception-weights", type=path_str, help="path of pt_inception-2015-12-05-6726825d.pth (FID)")
+    p.add_argument("--score-from", metavar="PATH", type=path_str,
+                   help="train only the projection network T on a frozen score model: a wgfcore run folder (its "
+                        "EMA score) or a diffusers UNet2DModel folder (save_pretrained, with scheduler_config.json "
+                        "beside it or in scheduler/). Its images must match the dataset's config")
     _common(p)
     g = p.add_argument_group("overrides of the config")
     g.add_argument("--iterations", "--iters", type=pos_int)
@@ -114,6 +128,9 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=decay)
     g.add_argument("--delta-tau", type=delta_tau, help="training step of the projection loss: 0.05, or N list")
     g.add_argument("--preset", help="U-Net preset (tiny, adm64), without the config's 'net' overrides")
+    g.add_argument("--proj-width", type=pos_float, metavar="F",
+                   help="T's width as a multiple of the config's U-Net (model_channels and head_channels x F, "
+                        "e.g. 0.5); sets proj_net")
     g.add_argument("--hidden", type=pos_int, help="gmm: MLP width (3 hidden layers)")
     g.add_argument("--num-workers", type=nonneg_int)
     g.add_argument("--log-every", type=pos_int)
@@ -133,29 +150,34 @@ def eval_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.description = ("Evaluate a trained run. With --fid: pytorch-fid FID (Inception pool3, 2048 features) of "
                      "EM and Predict-Project at N = 1000/100/40/20 on 50K samples per cell against the training "
                      "set's statistics. Without: redo the run's own table (digits-FD for digits).")
-    p.add_argument("--run", required=True, help="the run folder (holds config.json and checkpoints/)")
+    p.add_argument("--run", type=path_str, required=True, help="the run folder (holds config.json and checkpoints/)")
     p.add_argument("--fid", action="store_true", help="Inception FID (needs the pytorch-fid weights file)")
-    p.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth "
+    p.add_argument("--inception-weights", type=path_str, help="path of pt_inception-2015-12-05-6726825d.pth "
                                                "(default: the torch hub cache)")
     p.add_argument("--samples", type=at_least(2),
                    help="samples per cell (FID default 50000)")
     p.add_argument("--batch", type=pos_int, help="sampling batch size")
-    p.add_argument("--steps", type=ints, help="columns N (default 1000,100,40,20)")
+    p.add_argument("--steps", type=ints, help="columns N (default: the run's own eval.steps)")
     p.add_argument("--rows", type=names, help="rows (FID default em,pp; also em2n, heun)")
-    p.add_argument("--ref-stats", help="pytorch-fid .npz (mu, sigma) of the dataset, instead of computing them")
+    p.add_argument("--ref-stats", type=path_str,
+                   help="with --fid: pytorch-fid .npz (mu, sigma) of the dataset, instead of computing them")
     p.add_argument("--ref-samples", type=pos_int, default=None, help="training images for the reference (50000)")
-    p.add_argument("--data-root", help="dataset location, if it moved since training")
+    p.add_argument("--data-root", type=path_str, help="dataset location, if it moved since training")
     p.add_argument("--fused", action="store_true", help="Triton sampler steps and attention")
-    p.add_argument("--cache-dir", default=None, help="default: <run>/../.cache")
+    p.add_argument("--cache-dir", type=path_str, default=None, help="default: <run>/../.cache")
+    p.add_argument("--quick", action="store_true",
+                   help="the --quick config's small table (e.g. N = 40, 20 with 64 samples): a pipeline check, "
+                        "reported without verdicts")
     _common(p)
     return p
 
 
 def export_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.description = "Copy a finished run's results table and figures into docs/."
-    p.add_argument("--run", required=True)
-    p.add_argument("--to", default="docs")
+    p.add_argument("--run", type=path_str, required=True)
+    p.add_argument("--to", type=path_str, default="docs")
     p.add_argument("--name", help="file prefix (default: the run's dataset)")
+    p.add_argument("--allow-quick", action="store_true", help="export a --quick run too (untrained numbers)")
     p.add_argument("--command", help="the command that produced the run, quoted in the table's header")
     return p
 
@@ -185,12 +207,34 @@ def _train(args) -> int:
     return guarded(train_job, args, args.device)
 
 
+def _launch(args) -> int:
+    if "LOCAL_RANK" in os.environ:
+        raise UsageError("--nproc-per-node starts its own processes; under torchrun, drop it")
+    if args.command_name == "train" and args.dataset == "gmm":
+        raise UsageError("--nproc-per-node: the gmm job runs in one process")
+    return D.launch(args.nproc_per_node, __file__, _without_nproc(args.argv))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["train", *argv]  # train is the default subcommand
     args = parser().parse_args(argv)
     args.argv = argv  # the command as given (the experiments quote it in their reports)
+    if getattr(args, "nproc_per_node", 1) > 1:
+        return guarded(_launch, args)
     if args.command_name == "train":
         return guarded(_train, args)
     if args.command_name == "eval":

@@ -17,10 +17,11 @@ and the bound's constant be evaluated on a DDPM schedule with the machinery of `
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .sde import VPSDE, _as_time, _bcast
+from .sde import VPSDE, as_time, score_from_eps
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "sigmoid", "squaredcos_cap_v2")
 
@@ -37,19 +38,28 @@ def ddpm_betas(num_train_timesteps: int = 1000, beta_schedule: str = "linear", b
     "sigmoid" is sigmoid(linspace(-6, 6, N)) (beta_end - beta_start) + beta_start, the schedule of
     Kwon et al.'s notebook (`ddpm_betas(**KWON_SCHEDULE)`).
     """
-    n = int(num_train_timesteps)
-    if n != num_train_timesteps or n < 2:
+    if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) != num_train_timesteps \
+            or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
+    n = int(num_train_timesteps)
+    for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v < 1.0:
+            raise ValueError(f"{name} must be a number in (0, 1) (a DDPM beta), got {v!r}")
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
-    if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
-    if beta_schedule == "sigmoid":
-        return torch.sigmoid(torch.linspace(-6.0, 6.0, n, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
-    if beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine alpha_bar, betas capped at 0.999
+        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
+    elif beta_schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6.0, 6.0, n, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    elif beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine alpha_bar, betas capped at 0.999
         f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
-    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+        betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    else:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    if not bool(((betas > 0) & (betas < 1)).all()):  # NaN fails both comparisons
+        raise ValueError(f"the {beta_schedule!r} schedule from {beta_start} to {beta_end} gives betas outside (0, 1) "
+                         f"(min {float(betas.min()):.4g}, max {float(betas.max()):.4g})")
+    return betas
 
 
 def _log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -66,7 +76,7 @@ def timestep_from_alpha2(alphas_cumprod: torch.Tensor, alpha2) -> torch.Tensor:
     conversion does (`EulerDiscreteScheduler._sigma_to_t`).
     """
     ls = _log_sigmas(alphas_cumprod)
-    a2 = _as_time(alpha2)
+    a2 = as_time(alpha2)
     target = 0.5 * (torch.log1p(-a2) - torch.log(a2))
     idx = torch.searchsorted(ls.to(target.device), target.contiguous()).clamp(1, ls.numel() - 1)
     lo, hi = ls.to(target.device)[idx - 1], ls.to(target.device)[idx]
@@ -77,7 +87,7 @@ def timestep_from_alpha2(alphas_cumprod: torch.Tensor, alpha2) -> torch.Tensor:
 def alpha_bar_at(alphas_cumprod: torch.Tensor, tau) -> torch.Tensor:
     """alpha_bar at a fractional timestep, by the same log-sigma interpolation (float64)."""
     ls = _log_sigmas(alphas_cumprod)
-    tau = _as_time(tau)
+    tau = as_time(tau)
     n = ls.numel()
     tau = tau.clamp(0.0, n - 1)
     i0 = tau.floor().long().clamp(max=n - 2)
@@ -128,12 +138,12 @@ class DiscreteVP(VPSDE):
         return (torch.as_tensor(i, dtype=torch.float64) + 1.0) / self.N
 
     def b(self, t) -> torch.Tensor:
-        t = _as_time(t)
+        t = as_time(t)
         i = torch.ceil(t * self.N - 1.0).long().clamp(0, self.N - 1)  # step i covers (i/N, (i+1)/N]
         return self._b.to(t.device)[i]
 
     def int_beta(self, t) -> torch.Tensor:
-        t = _as_time(t)
+        t = as_time(t)
         u = (t * self.N).clamp(0.0, float(self.N))
         i = u.floor().long().clamp(max=self.N - 1)
         la = self._log_ab.to(t.device)
@@ -141,7 +151,7 @@ class DiscreteVP(VPSDE):
         return -0.5 * log_ab
 
     def t_from_ve_sigma(self, sigma_ve) -> torch.Tensor:
-        s = _as_time(sigma_ve)
+        s = as_time(sigma_ve)
         target = -torch.log1p(s * s)  # log alpha^2
         la = self._log_ab.to(s.device)
         # log alpha_bar decreases along the knots t = 0, 1/N, ..., 1: interpolate t against it
@@ -196,14 +206,17 @@ def from_diffusers(unet, scheduler=None, num_train_timesteps: int = 1000, sde: V
         a2 = sde.alpha(t).to(x.device) ** 2
         tau = timestep_from_alpha2(table.to(x.device), a2)
         sigma_model = torch.sqrt(1.0 - alpha_bar_at(table.to(x.device), tau))
-        out = unet(x, tau.to(x.dtype))
+        raw = out = unet(x, tau.to(x.dtype))
         if hasattr(out, "sample"):
             out = out.sample
-        elif isinstance(out, (tuple, list)):
+        elif isinstance(out, (tuple, list)) and out:
             out = out[0]
+        if not torch.is_tensor(out):
+            raise TypeError(f"the diffusers model returned {type(raw).__name__}, expected a tensor, a tuple whose first "
+                            "entry is one, or an object with .sample (diffusers' UNet2DOutput)")
         if out.shape != x.shape:
             raise ValueError(f"the diffusers model returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
-        return -out / _bcast(sigma_model, x)
+        return score_from_eps(out, sigma_model, x)
 
     ls = _log_sigmas(table)
     score_fn.t_range = (float(sde.t_from_ve_sigma(torch.exp(ls[0]))), float(sde.t_from_ve_sigma(torch.exp(ls[-1]))))

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .sde import VPSDE, _as_time, _bcast
+from .sde import VPSDE, as_time, bcast, vp_score_from_ve_denoiser
 
 #: default working-memory budget of one chunk (logits + the chunk of data in the compute dtype)
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -109,8 +109,8 @@ def optimal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, chunk: int | No
 def optimal_score(data: torch.Tensor, chunk: int | None = None, **kw) -> Callable:
     """VE score of the empirical law blurred by N(0, sigma^2 I): s(x, sigma) = (D*(x; sigma) - x) / sigma^2."""
     def score_fn(x, sigma):
-        sig = _as_time(sigma).to(x.device)
-        return (optimal_denoiser(x, sigma, data, chunk, **kw) - x) / _bcast(sig * sig, x)
+        sig = as_time(sigma).to(x.device)
+        return (optimal_denoiser(x, sigma, data, chunk, **kw) - x) / bcast(sig * sig, x)
 
     return score_fn
 
@@ -122,15 +122,7 @@ def optimal_vp_score(data: torch.Tensor, sde: VPSDE | None = None, chunk: int | 
     Tweedie s_VP(x, t) = (alpha_t D*(x / alpha_t; sigma_t / alpha_t) - x) / sigma_t^2. Usable by
     `wgfcore.sample` directly (t of shape (B,) in (0, 1]).
     """
-    sde = sde or VPSDE()
-
-    def score_fn(x, t):
-        t = _as_time(t).to(x.device)
-        a, s = sde.alpha(t), sde.sigma(t)
-        D = optimal_denoiser(x / _bcast(a, x), s / a, data, chunk, **kw)
-        return (_bcast(a, x) * D - x) / _bcast(s * s, x)
-
-    return score_fn
+    return vp_score_from_ve_denoiser(lambda x, sigma: optimal_denoiser(x, sigma, data, chunk, **kw), sde)
 
 
 def optimal_vp_denoiser(data: torch.Tensor, sde: VPSDE | None = None, chunk: int | None = None, **kw) -> Callable:
@@ -138,9 +130,9 @@ def optimal_vp_denoiser(data: torch.Tensor, sde: VPSDE | None = None, chunk: int
     sde = sde or VPSDE()
 
     def denoiser(x, t):
-        t = _as_time(t).to(x.device)
+        t = as_time(t).to(x.device)
         a = sde.alpha(t)
-        return optimal_denoiser(x / _bcast(a, x), sde.sigma(t) / a, data, chunk, **kw)
+        return optimal_denoiser(x / bcast(a, x), sde.sigma(t) / a, data, chunk, **kw)
 
     return denoiser
 

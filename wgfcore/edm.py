@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .sde import VPSDE, _as_time, _bcast
+from .sde import VPSDE, as_time, bcast, net_time_dtype, tweedie, vp_score_from_ve_denoiser
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,10 +28,6 @@ def _check_sigmas(sigmas) -> list[float]:
     if s[-1] < 0 or any(v <= 0 for v in s[:-1]):
         raise ValueError("sigmas must be > 0 except possibly the last entry, which may be 0")
     return s
-
-
-def _sigma_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _call(denoiser: Denoiser, x, sigma_b, i: int):
@@ -52,7 +48,7 @@ def _edm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, 
     s = _check_sigmas(sigmas)
     n = len(s) - 1
     # (N+1, B) per-step sigma tensors built up front: no host work or sync inside the loop.
-    sig_b = torch.tensor(s, dtype=torch.float64).to(device=x.device, dtype=_sigma_dtype(x))[:, None]
+    sig_b = torch.tensor(s, dtype=torch.float64).to(device=x.device, dtype=net_time_dtype(x))[:, None]
     sig_b = sig_b.expand(-1, x.shape[0])
     name = "edm_heun" if heun else "edm_euler"
     for i in tqdm(range(n), disable=not progress, desc=name, leave=False):
@@ -120,7 +116,7 @@ def ode_jump(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, k: int, 
         x = _sampler(sampler)(denoiser, x, sigmas[:k + 1], progress=progress)
     if s[k] == 0:
         return x
-    sig = torch.full((x.shape[0],), s[k], device=x.device, dtype=_sigma_dtype(x))
+    sig = torch.full((x.shape[0],), s[k], device=x.device, dtype=net_time_dtype(x))
     return _call(denoiser, x, sig, k)
 
 
@@ -158,11 +154,9 @@ def vp_denoiser_from_score(score_fn: Callable, sde: VPSDE | None = None) -> Deno
     sde = sde or VPSDE()
 
     def denoiser(x, sigma):
-        t = sde.t_from_ve_sigma(_as_time(sigma)).to(x.device)
-        a, s_t = _bcast(sde.alpha(t), x), _bcast(sde.sigma(t), x)
-        x_vp = a * x
-        score = score_fn(x_vp, t.to(_sigma_dtype(x)).expand(x.shape[0]))
-        return (x_vp + s_t * s_t * score) / a
+        t = sde.t_from_ve_sigma(as_time(sigma)).to(x.device)
+        x_vp = bcast(sde.alpha(t), x) * x
+        return tweedie(x_vp, score_fn(x_vp, t.to(net_time_dtype(x)).expand(x.shape[0])), t, sde)
 
     return denoiser
 
@@ -173,24 +167,13 @@ def ve_denoiser_from_vp(vp_denoiser: Callable, sde: VPSDE | None = None) -> Deno
     sde = sde or VPSDE()
 
     def denoiser(x, sigma):
-        t = sde.t_from_ve_sigma(_as_time(sigma)).to(x.device)
-        return vp_denoiser(_bcast(sde.alpha(t), x) * x, t.to(_sigma_dtype(x)).expand(x.shape[0]))
+        t = sde.t_from_ve_sigma(as_time(sigma)).to(x.device)
+        return vp_denoiser(bcast(sde.alpha(t), x) * x, t.to(net_time_dtype(x)).expand(x.shape[0]))
 
     return denoiser
 
 
-def vp_score_from_ve_denoiser(denoiser: Denoiser, sde: VPSDE | None = None) -> Callable:
-    """The other direction: a VP `score_fn(x_VP, t)` from an EDM denoiser, for `wgfcore.sample`:
-    s(x_VP, t) = (alpha_t D(x_VP / alpha_t; sigma_t / alpha_t) - x_VP) / sigma_t^2."""
-    sde = sde or VPSDE()
-
-    def score_fn(x, t):
-        t = _as_time(t).to(x.device)
-        a, s_t = sde.alpha(t), sde.sigma(t)
-        D = denoiser(x / _bcast(a, x), (s_t / a).to(_sigma_dtype(x)).expand(x.shape[0]))
-        return (_bcast(a, x) * D - x) / _bcast(s_t * s_t, x)
-
-    return score_fn
+# `vp_score_from_ve_denoiser` (the other direction) lives in wgfcore.sde, its one home; re-exported here.
 
 
 __all__ = ["edm_euler", "edm_heun", "EDM_SAMPLERS", "ode_jump", "trajectories", "vp_denoiser_from_score",

@@ -31,14 +31,15 @@ import torch
 
 from .metrics import gaussian_fit, w2_gaussian
 from .ops import time_grid
-from .sample import TorchSteps, reverse_sde
+from .ops import TorchSteps
+from .sample import reverse_sde
 from .scores import GaussianMixture
-from .sde import VPSDE, _bcast
+from .sde import VPSDE, bcast
 
 
 def wgf_velocity(x: torch.Tensor, t, score: torch.Tensor, sde: VPSDE) -> torch.Tensor:
     """Velocity of the accelerated WGF of KL(.||pi), pi = N(0, I): -beta (grad log mu_t + x)."""
-    return -_bcast(sde.beta(t), x) * (score + x)
+    return -bcast(sde.beta(t), x) * (score + x)
 
 
 def forward_wgf_particles(x0: torch.Tensor, t_end: float, score_fn, sde: VPSDE | None = None,

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sde import VPSDE, _bcast
+from .sde import VPSDE, bcast, eps_to_score
 
 Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,8 +77,8 @@ def projection_loss(proj_model: Net, score_fn: Net, x0: torch.Tensor, sde: VPSDE
     beta = sde.beta(t)
     with torch.no_grad():
         s = score_fn(x_t, t)
-        x_pred = x_t + _bcast(beta * dtau, x_t) * (x_t + 2.0 * s)
-    x_mean = _bcast(sde.alpha(t_prev), x0) * x0
+        x_pred = x_t + bcast(beta * dtau, x_t) * (x_t + 2.0 * s)
+    x_mean = bcast(sde.alpha(t_prev), x0) * x0
     T = proj_model(x_pred, t_prev)
     if T.shape != x0.shape:
         raise ValueError(f"proj_model returned shape {tuple(T.shape)}, expected {tuple(x0.shape)}")
@@ -96,9 +96,7 @@ def joint_loss(eps_model: Net, proj_model: Net, x0: torch.Tensor, sde: VPSDE | N
     """
     sde = sde or VPSDE()
 
-    def score_fn(x, t):
-        return -eps_model(x, t) / _bcast(sde.sigma(t), x)
-
+    score_fn = eps_to_score(eps_model, sde)
     l_dsm = dsm_loss(eps_model, x0, sde, eps_t=eps_t, generator=generator)
     l_proj = projection_loss(proj_model, score_fn, x0, sde, delta_tau=delta_tau, eps_s=eps_s, generator=generator)
     return l_dsm + proj_weight * l_proj, {"dsm": l_dsm.detach(), "proj": l_proj.detach()}

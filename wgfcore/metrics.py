@@ -21,11 +21,29 @@ def _sqrtm_psd(S: np.ndarray) -> np.ndarray:
     return (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
 
 
+def _check_covariance(name: str, S: np.ndarray) -> None:
+    """S must be finite, symmetric and positive semi-definite, up to float64 rounding of its entries."""
+    if not np.isfinite(S).all():
+        raise ValueError(f"w2_gaussian: {name} holds NaN or inf")
+    scale = max(float(np.abs(S).max()), np.finfo(np.float64).tiny)
+    if np.abs(S - S.T).max() > 1e-8 * scale:
+        raise ValueError(f"w2_gaussian: {name} is not symmetric (max |S - S^T| = {np.abs(S - S.T).max():.3g}), "
+                         "so it is not a covariance")
+    w_min = float(np.linalg.eigvalsh(0.5 * (S + S.T)).min())
+    if w_min < -1e-10 * S.shape[0] * scale:
+        raise ValueError(f"w2_gaussian: {name} is not positive semi-definite (smallest eigenvalue {w_min:.4g}), "
+                         "so it is not a covariance")
+
+
 def w2_gaussian(m1, S1, m2, S2) -> float:
     """W2(N(m1, S1), N(m2, S2)) = sqrt(|m1 - m2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2))."""
     m1, S1, m2, S2 = map(_np64, (m1, S1, m2, S2))
     if m1.shape != m2.shape or S1.shape != S2.shape or S1.shape != (m1.size, m1.size):
         raise ValueError(f"shapes do not match: m1 {m1.shape}, S1 {S1.shape}, m2 {m2.shape}, S2 {S2.shape}")
+    if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
+        raise ValueError("w2_gaussian: the means hold NaN or inf")
+    _check_covariance("S1", S1)
+    _check_covariance("S2", S2)
     r1 = _sqrtm_psd(S1)
     cross = _sqrtm_psd(r1 @ S2 @ r1)
     d2 = float(np.sum((m1 - m2) ** 2) + np.trace(S1) + np.trace(S2) - 2.0 * np.trace(cross))

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .sde import VPSDE, _as_time
+from .sde import VPSDE, as_time, tweedie
 
 
 class GaussianMixture:
@@ -70,7 +70,7 @@ class GaussianMixture:
         xf = x.reshape(B, -1).to(torch.float64)
         if xf.shape[1] != self.d:
             raise ValueError(f"x has {xf.shape[1]} features per sample, the mixture has d = {self.d}")
-        t = _as_time(t).to(x.device)
+        t = as_time(t).to(x.device)
         a = sde.alpha(t).to(x.device).expand(B)[:, None, None]
         s2 = (sde.sigma(t) ** 2).to(x.device).expand(B)[:, None, None]
         U, lam = self.U.to(x.device), self.lam.to(x.device)
@@ -124,8 +124,7 @@ class GaussianMixture:
     def denoiser(self, x: torch.Tensor, t, sde: VPSDE | None = None) -> torch.Tensor:
         """E[x_0 | x_t = x] by Tweedie: (x + sigma_t^2 score) / alpha_t."""
         sde = sde or VPSDE()
-        from .sde import _bcast
-        return (x + _bcast(sde.sigma(t) ** 2, x) * self.score(x, t, sde)) / _bcast(sde.alpha(t), x)
+        return tweedie(x, self.score(x, t, sde), t, sde)
 
 
 def gaussian(mean, cov) -> GaussianMixture:

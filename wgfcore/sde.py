@@ -1,19 +1,22 @@
 """Forward processes: the VP-SDE in the convention of Ghimire et al. and the VE/EDM process.
 
 ALGORITHMS §1 (VP: beta = b/2, alpha, sigma, marginals, reverse family of §2) and §5 (VE/EDM,
-Karras schedule, VP<->VE mapping). Time arguments are python floats or tensors of shape () or
+Karras schedule, VP<->VE mapping), and the one home of each conversion between score, eps and
+denoiser (Tweedie, eps <-> score, VE denoiser -> VP score). Time arguments are python floats or tensors of shape () or
 (B,); schedule quantities are computed in float64 and returned as float64 tensors, because
 alpha_t and sigma_t lose digits quickly in float32 near t = 0 and t = 1.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
 
-def _as_time(t) -> torch.Tensor:
+def as_time(t) -> torch.Tensor:
+    """A time (or noise level) as a float64 tensor of shape () or (B,): a python number or a tensor."""
     if torch.is_tensor(t):
         if t.ndim > 1:
             raise ValueError(f"time must be a scalar or a tensor of shape (B,), got shape {tuple(t.shape)}")
@@ -21,7 +24,7 @@ def _as_time(t) -> torch.Tensor:
     return torch.tensor(float(t), dtype=torch.float64)
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample (B,) or scalar schedule value -> broadcastable against x (B, ...), in x's dtype."""
     v = v.to(device=x.device, dtype=x.dtype)
     return v.view(-1, *([1] * (x.ndim - 1))) if v.ndim == 1 else v
@@ -44,7 +47,7 @@ class VPSDE:
 
     # --- schedule -------------------------------------------------------------------------
     def b(self, t) -> torch.Tensor:
-        t = _as_time(t)
+        t = as_time(t)
         return self.b_min + t * (self.b_max - self.b_min)
 
     def beta(self, t) -> torch.Tensor:
@@ -53,7 +56,7 @@ class VPSDE:
 
     def int_beta(self, t) -> torch.Tensor:
         """integral_0^t beta = 1/2 (b_min t + 1/2 t^2 (b_max - b_min))."""
-        t = _as_time(t)
+        t = as_time(t)
         return 0.5 * (self.b_min * t + 0.5 * t * t * (self.b_max - self.b_min))
 
     def alpha(self, t) -> torch.Tensor:
@@ -66,7 +69,7 @@ class VPSDE:
     # --- marginals and prior --------------------------------------------------------------
     def marginal(self, x0: torch.Tensor, t):
         """Mean and std of x_t | x_0 ~ N(alpha_t x_0, sigma_t^2 I)."""
-        return _bcast(self.alpha(t), x0) * x0, _bcast(self.sigma(t), x0)
+        return bcast(self.alpha(t), x0) * x0, bcast(self.sigma(t), x0)
 
     def perturb(self, x0: torch.Tensor, t, z: torch.Tensor | None = None, generator=None):
         """Draw x_t = alpha_t x_0 + sigma_t z; returns (x_t, z)."""
@@ -88,7 +91,7 @@ class VPSDE:
 
     # --- forward and reverse dynamics -----------------------------------------------------
     def forward_drift(self, x: torch.Tensor, t) -> torch.Tensor:
-        return -_bcast(self.beta(t), x) * x
+        return -bcast(self.beta(t), x) * x
 
     def diffusion(self, t) -> torch.Tensor:
         return torch.sqrt(2.0 * self.beta(t))
@@ -101,7 +104,7 @@ class VPSDE:
         """
         if a < 0:
             raise ValueError(f"the reverse family needs a >= 0, got a={a}")
-        b = _bcast(self.beta(t), x)
+        b = bcast(self.beta(t), x)
         return b * x + (1.0 + a) * b * score
 
     def reverse_diffusion(self, t, a: float = 1.0) -> torch.Tensor:
@@ -116,7 +119,7 @@ class VPSDE:
 
     def t_from_ve_sigma(self, sigma_ve) -> torch.Tensor:
         """Inverse of `ve_sigma`: solve int_beta(t) = 1/2 log(1 + sigma^2) for t (a quadratic)."""
-        s = _as_time(sigma_ve)
+        s = as_time(sigma_ve)
         rhs = 0.5 * torch.log1p(s * s)
         q = 0.25 * (self.b_max - self.b_min)
         p = 0.5 * self.b_min
@@ -140,12 +143,12 @@ class VESDE:
             raise ValueError(f"rho must be positive, got {self.rho}")
 
     def marginal(self, x0: torch.Tensor, sigma):
-        return x0, _bcast(_as_time(sigma), x0)
+        return x0, bcast(as_time(sigma), x0)
 
     def perturb(self, x0: torch.Tensor, sigma, z: torch.Tensor | None = None, generator=None):
         if z is None:
             z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return x0 + _bcast(_as_time(sigma), x0) * z, z
+        return x0 + bcast(as_time(sigma), x0) * z, z
 
     def prior_sampling(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         return self.sigma_max * torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
@@ -170,14 +173,75 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
 def vp_to_ve(x_vp: torch.Tensor, t, sde: VPSDE | None = None):
     """Map a VP state at time t to the VE state: (x_VP / alpha_t, sigma_t / alpha_t)."""
     sde = sde or VPSDE()
-    return x_vp / _bcast(sde.alpha(t), x_vp), sde.ve_sigma(t)
+    return x_vp / bcast(sde.alpha(t), x_vp), sde.ve_sigma(t)
 
 
 def ve_to_vp(x_ve: torch.Tensor, sigma_ve, sde: VPSDE | None = None):
     """Inverse of `vp_to_ve`: returns (x_VP, t)."""
     sde = sde or VPSDE()
     t = sde.t_from_ve_sigma(sigma_ve)
-    return x_ve * _bcast(sde.alpha(t), x_ve), t
+    return x_ve * bcast(sde.alpha(t), x_ve), t
 
 
-__all__ = ["VPSDE", "VESDE", "karras_sigmas", "vp_to_ve", "ve_to_vp"]
+# --- score, eps and denoiser: each conversion written once (ALGORITHMS §1, §3, §5) --------------
+# Samplers, losses, adapters, the EDM code and the analytic scores call these; none repeats them.
+
+def tweedie(x: torch.Tensor, score: torch.Tensor, t, sde: VPSDE | None = None) -> torch.Tensor:
+    """E[x_0 | x_t = x] by Tweedie's formula: (x + sigma_t^2 s) / alpha_t (ALGORITHMS §3 note), in x's dtype."""
+    sde = sde or VPSDE()
+    return (x + bcast(sde.sigma(t) ** 2, x) * score) / bcast(sde.alpha(t), x)
+
+
+def score_from_denoised(x: torch.Tensor, x0: torch.Tensor, t, sde: VPSDE | None = None) -> torch.Tensor:
+    """The inverse of `tweedie`: the VP score whose posterior mean at (x, t) is x0, (alpha_t x0 - x) / sigma_t^2."""
+    sde = sde or VPSDE()
+    return (bcast(sde.alpha(t), x) * x0 - x) / bcast(sde.sigma(t) ** 2, x)
+
+
+def score_from_eps(eps: torch.Tensor, sigma, like: torch.Tensor | None = None) -> torch.Tensor:
+    """s = -eps / sigma (ALGORITHMS §1), sigma a scalar or (B,) noise level taken in `like`'s dtype (default eps)."""
+    like = eps if like is None else like
+    return -eps / bcast(as_time(sigma), like)
+
+
+def eps_from_score(score: torch.Tensor, sigma, like: torch.Tensor | None = None) -> torch.Tensor:
+    """eps = -sigma s, the inverse of `score_from_eps`."""
+    like = score if like is None else like
+    return -score * bcast(as_time(sigma), like)
+
+
+def eps_to_score(eps_model: Callable, sde: VPSDE | None = None) -> Callable:
+    """Turn an epsilon-prediction network eps(x, t) into a `score_fn(x, t)`: s = -eps / sigma_t (ALGORITHMS §1)."""
+    sde = sde or VPSDE()
+
+    def score_fn(x, t):
+        return score_from_eps(eps_model(x, t), sde.sigma(t), x)
+
+    return score_fn
+
+
+def net_time_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype in which a network is handed its time or noise level: x's for fp32/fp64, else fp32."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def vp_score_from_ve_denoiser(denoiser: Callable, sde: VPSDE | None = None) -> Callable:
+    """A VP `score_fn(x_VP, t)` from a VE/EDM denoiser D(x_VE; sigma) (ALGORITHMS §5):
+    s(x_VP, t) = (alpha_t D(x_VP / alpha_t; sigma_t / alpha_t) - x_VP) / sigma_t^2.
+
+    The denoiser receives sigma with shape (B,) in `net_time_dtype(x)`.
+    """
+    sde = sde or VPSDE()
+
+    def score_fn(x, t):
+        t = as_time(t).to(x.device)
+        a = sde.alpha(t)
+        D = denoiser(x / bcast(a, x), (sde.sigma(t) / a).to(net_time_dtype(x)).expand(x.shape[0]))
+        return score_from_denoised(x, D, t, sde)
+
+    return score_fn
+
+
+__all__ = ["VPSDE", "VESDE", "karras_sigmas", "vp_to_ve", "ve_to_vp", "as_time", "bcast", "tweedie",
+           "score_from_denoised", "score_from_eps", "eps_from_score", "eps_to_score", "net_time_dtype",
+           "vp_score_from_ve_denoiser"]

@@ -129,7 +129,12 @@ class CelebA(torch.utils.data.Dataset):
         # Cheap checks at start-up (one stat per file): an empty or truncated-to-nothing file is named
         # now, not by a DataLoader worker hours into training. `check()` decodes every image.
         for f in self.files:
-            if f.stat().st_size == 0:
+            try:
+                size = f.stat().st_size
+            except OSError as e:  # e.g. a symbolic link to a file that is gone
+                raise DatasetError(f"CelebA image {f} cannot be read ({e.strerror}"
+                                   f"{', a broken link' if f.is_symlink() else ''}); restore or delete it") from None
+            if size == 0:
                 raise DatasetError(f"CelebA image {f} is empty; re-extract the dataset (or delete the file)")
         self[0]  # fail now, not hours into training, if the files cannot be decoded
 
@@ -223,14 +228,20 @@ class LSUNChurch(torch.utils.data.Dataset):
 # --- SVHN ------------------------------------------------------------------------------------------------
 
 def _svhn_uint8(X: np.ndarray, path) -> np.ndarray:
-    """SVHN pixels as uint8 0..255. The official file is uint8; a re-saved copy may hold floats in
-    [0, 1] (scaled back by 255, not truncated to black) or in [0, 255]; anything else is refused."""
+    """SVHN pixels as uint8 0..255. The official file is uint8; a re-saved copy may hold other integers
+    in [0, 255], or floats in [0, 1] (scaled back by 255, not truncated to black) or in [0, 255];
+    anything else (booleans, NaN or infinite values, values out of range) is refused."""
     if X.dtype == np.uint8:
         return X
     if X.size == 0:
         raise DatasetError(f"{path} holds no images")
-    lo, hi = float(np.nanmin(X)), float(np.nanmax(X))
-    if not np.isfinite(X).all() or lo < 0 or hi > 255:
+    if not (np.issubdtype(X.dtype, np.integer) or np.issubdtype(X.dtype, np.floating)):
+        raise DatasetError(f"{path}: X has dtype {X.dtype}, not pixel values; " + _expected("svhn", Path(path).parent))
+    if np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
+        raise DatasetError(f"{path}: X ({X.dtype}) holds {int((~np.isfinite(X)).sum())} NaN or infinite values; "
+                           + _expected("svhn", Path(path).parent))
+    lo, hi = float(X.min()), float(X.max())
+    if lo < 0 or hi > 255:
         raise DatasetError(f"{path}: X ({X.dtype}) has values outside [0, 255] (min {lo:g}, max {hi:g}); "
                            + _expected("svhn", Path(path).parent))
     if np.issubdtype(X.dtype, np.floating) and hi <= 1.0:
@@ -255,9 +266,13 @@ class SVHN(torch.utils.data.Dataset):
             raise DatasetError(f"SVHN not found: no file {path}; " + _expected("svhn", root))
         try:
             m = scipy.io.loadmat(str(path), variable_names=["X"])
+            kind = {name: cls for name, _, cls in scipy.io.whosmat(str(path))}.get("X")
         except Exception as e:
             raise DatasetError(f"cannot read {path} as a MATLAB file: {e}; " + _expected("svhn", root)) from None
         X = m.get("X")
+        if kind == "logical":  # loadmat reads a logical array as uint8 0/1: black images, if taken as pixels
+            raise DatasetError(f"{path}: X is a logical (true/false) array, not pixel values; "
+                               + _expected("svhn", root))
         if X is None or X.ndim != 4 or X.shape[:3] != (32, 32, 3):
             got = "no variable X" if X is None else f"X of shape {X.shape}"
             raise DatasetError(f"{path} holds {got}; " + _expected("svhn", root))

@@ -8,9 +8,11 @@ works with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,8 @@ import torch
 
 from . import distributed as D
 from .config import Config
-from .errors import CheckpointError, UsageError
-from .networks import build_nets
+from .errors import CheckpointError, UsageError, one_line
+from .networks import build_nets, build_projection, frozen_score
 
 LAST = "last.pt"
 _SNAPSHOT = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -38,31 +40,59 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj, path) -> Path:
-    """torch.save(obj) to `path` atomically: temp file in the same folder, fsync, os.replace."""
+def _disk_full(e: BaseException) -> bool:
+    """Did a write fail for want of space? (torch reports it as "enforce fail at inline_container.cc",
+    with the OSError ENOSPC in the exception's context)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def write_atomic(path, write, what: str = "file") -> Path:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace: `path` is either the old
+    file or the complete new one, never a part. A failed write removes the temporary and raises a
+    one-line CheckpointError (a full disk says so)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        kept = " (the previous one is kept)" if path.exists() else ""
+        if _disk_full(e):
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free"
+            except OSError:
+                free = "no space left"
+            raise CheckpointError(f"cannot write {what} {path}: the disk is full ({free}){kept}; free some space "
+                                  "and run the command again") from None
+        raise CheckpointError(f"cannot write {what} {path}{kept}: {one_line(e)}") from None
     _fsync_dir(path.parent)
     return path
 
 
-def load(path, map_location="cpu") -> dict:
-    """torch.load(weights_only=True), with a readable error for a missing or damaged file."""
+def save_atomic(obj, path) -> Path:
+    """torch.save(obj) to `path` atomically (`write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save(obj, f), "checkpoint")
+
+
+def load(path, map_location="cpu", mmap: bool = False) -> dict:
+    """torch.load(weights_only=True), with a readable error for a missing or damaged file (`mmap`: the
+    tensors stay on disk until read, for a look at a checkpoint's keys)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
@@ -90,14 +120,14 @@ def find_resumable(ckpt_dir) -> Path | None:
     last = ckpt_dir / LAST
     if last.is_file():
         try:
-            best = (int(load(last)["step"]), last)
+            best = (int(load(last, mmap=True)["step"]), last)
         except (CheckpointError, KeyError):
             best = None
     for step, p in sorted(cands, reverse=True):
         if best is not None and best[0] >= step:
             break
         try:
-            load(p)
+            load(p, mmap=True)
             return p
         except CheckpointError:
             continue
@@ -144,11 +174,14 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = Non
 # --- the training checkpoint of every job ---------------------------------------------------------------
 
 TRAINING_STATE = ("step", "config", "world_size", "eps", "proj", "ema_eps", "ema_proj", "optimizer", "rng")
+#: a projection-only run (--score-from) trains T alone: its score is the frozen source its config names
+SCORE_STATE = ("eps", "ema_eps")
 
 
 def training_state(step: int, cfg: Config, d: D.Dist, eps, proj, ema_eps, ema_proj, opt, generators: dict) -> dict:
     """Everything needed to continue exactly: the networks, their EMA copies, the optimizer, and the RNG
-    states of every rank (gathered to rank 0; a collective, so every rank calls it)."""
+    states of every rank (gathered to rank 0; a collective, so every rank calls it). `eps` and `ema_eps`
+    are None in a projection-only run, whose checkpoint holds T alone."""
     rng = capture_rng(generators)
     if d.enabled:
         box = [None] * d.world
@@ -156,15 +189,22 @@ def training_state(step: int, cfg: Config, d: D.Dist, eps, proj, ema_eps, ema_pr
         rng = box
     else:
         rng = [rng]
-    return {"step": step, "config": cfg.data, "world_size": d.world, "eps": eps.state_dict(),
-            "proj": proj.state_dict(), "ema_eps": ema_eps.state_dict(), "ema_proj": ema_proj.state_dict(),
-            "optimizer": opt.state_dict(), "rng": rng}
+    state = {"step": step, "config": cfg.data, "world_size": d.world, "eps": eps, "proj": proj.state_dict(),
+             "ema_eps": ema_eps, "ema_proj": ema_proj.state_dict(), "optimizer": opt.state_dict(), "rng": rng}
+    for k in SCORE_STATE:
+        if state[k] is None:
+            del state[k]
+        else:
+            state[k] = state[k].state_dict()
+    return state
 
 
-def load_training_state(path: Path) -> dict:
+def load_training_state(path: Path, mmap: bool = False) -> dict:
     """A training checkpoint, or a one-line CheckpointError when the file is something else."""
-    state = load(path, map_location="cpu")
-    missing = [k for k in TRAINING_STATE if not isinstance(state, dict) or k not in state]
+    state = load(path, map_location="cpu", mmap=mmap)
+    proj_only = isinstance(state, dict) and isinstance(state.get("config"), dict) and "score_from" in state["config"]
+    missing = [k for k in TRAINING_STATE if not isinstance(state, dict) or k not in state
+               and not (proj_only and k in SCORE_STATE)]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint of train/run.py (no {', '.join(missing)})")
     return state
@@ -172,7 +212,9 @@ def load_training_state(path: Path) -> dict:
 
 def load_run(run_dir, map_location="cpu", make_nets=None):
     """(config, EMA score net, EMA projection net, step) from a run folder's newest checkpoint: the
-    one way every command (eval, the experiments) gets a trained run back."""
+    one way every command (eval, the experiments) gets a trained run back. The score net of a
+    projection-only run is its frozen source (`wgfcore.pretrained.ScoreSource`, an epsilon model at our
+    VP time like ours), refused if its weights changed since T was trained."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run folder {run_dir}: no such folder")
@@ -181,9 +223,15 @@ def load_run(run_dir, map_location="cpu", make_nets=None):
         raise CheckpointError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
     state = load_training_state(path)
     cfg = Config.from_dict(state["config"], f"the config inside {path}")
-    eps_net, proj_net = (make_nets or build_nets)(cfg)
+    if cfg.projection_only:
+        eps_net = frozen_score(cfg.score_from["path"], record=cfg.score_from,
+                               what=f"{run_dir}: its score (--score-from)")
+        proj_net = build_projection(cfg)
+    else:
+        eps_net, proj_net = (make_nets or build_nets)(cfg)
     try:
-        eps_net.load_state_dict(state["ema_eps"])
+        if not cfg.projection_only:
+            eps_net.load_state_dict(state["ema_eps"])
         proj_net.load_state_dict(state["ema_proj"])
     except RuntimeError as e:
         raise UsageError(f"{path}: its weights do not fit its config's networks "
@@ -191,5 +239,5 @@ def load_run(run_dir, map_location="cpu", make_nets=None):
     return cfg, eps_net.eval(), proj_net.eval(), int(state["step"])
 
 
-__all__ = ["CheckpointError", "save_atomic", "load", "save_checkpoint", "find_resumable", "capture_rng",
+__all__ = ["SCORE_STATE", "CheckpointError", "save_atomic", "load", "save_checkpoint", "find_resumable", "capture_rng",
            "restore_rng", "LAST", "TRAINING_STATE", "training_state", "load_training_state", "load_run"]

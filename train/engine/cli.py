@@ -6,19 +6,22 @@ run: exit 3), also inside a torchrun process group.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
 from . import distributed as D
-from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, InceptionWeightsMissing, UsageError, one_line
+from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UsageError, one_line
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2) instead of the usage block."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0"
+                  else None)
 
 
 # --- argument types -------------------------------------------------------------------------------------
@@ -44,6 +47,24 @@ decay = typed(float, lambda v: 0 <= v < 1, "a decay in [0, 1)")
 
 def at_least(n: int):
     return typed(int, lambda v: v >= n, f"an integer >= {n}")
+
+
+#: seeds are multiplied by up to ~1e6 and offset inside 64-bit generator seeds (data order, sampling)
+MAX_SEED = 2 ** 32 - 1
+seed = typed(int, lambda v: 0 <= v <= MAX_SEED, f"a seed in [0, {MAX_SEED}]")
+threads = typed(int, lambda v: 1 <= v <= (os.cpu_count() or 1),
+                f"a thread count in [1, {os.cpu_count() or 1}] (this machine's CPUs)")
+
+
+def path_str(s: str) -> str:
+    """A path as given (an empty one is an error, not the current folder)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return s
+
+
+def path(s: str) -> Path:
+    return Path(path_str(s))
 
 
 def ints(s: str) -> list[int]:
@@ -77,6 +98,12 @@ def device(s: str) -> str:
 
 # --- the guard -----------------------------------------------------------------------------------------
 
+def _say(message: str) -> None:
+    """A user error's line, printed once: by rank 0 only under torchrun (every rank stops with it)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def guarded(job, args, device_name: str | None = None) -> int:
     """Run a job (inside the process group when `device_name` is given); user errors become one line
     and exit code 2, also when raised deep inside as SystemExit with a message; a diverged training
@@ -87,23 +114,20 @@ def guarded(job, args, device_name: str | None = None) -> int:
             d = D.init(device_name)
             return job(args, d)
         return job(args)
-    except InceptionWeightsMissing as e:  # several lines on purpose: where to get the file
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except UsageError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        _say(f"error: {one_line(e)}")
         return EXIT_USAGE
     except Diverged as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        _say(f"error: {one_line(e)}")
         return EXIT_DIVERGED
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        _say(f"error: {one_line(e)}")
         return EXIT_USAGE
     except Exception as e:
         if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            print(f"error: --compile failed: {type(e).__name__}: {one_line(e)[:300]}", file=sys.stderr)
+            _say(f"error: --compile failed: {type(e).__name__}: {one_line(e)[:300]}")
             return EXIT_USAGE
         raise
     finally:
@@ -112,4 +136,4 @@ def guarded(job, args, device_name: str | None = None) -> int:
 
 
 __all__ = ["Parser", "typed", "pos_int", "nonneg_int", "pos_float", "decay", "at_least", "ints", "names", "device",
-           "guarded"]
+           "seed", "threads", "path", "path_str", "MAX_SEED", "guarded"]

@@ -89,6 +89,7 @@ class Config:
     compile: str | bool = False
     quick: bool = False  # set on --quick runs: untrained models, whose reports carry no verdicts
     resumes: tuple = ()  # written by the trainer: what each resume changed
+    score_from: dict | None = None  # a projection-only run's frozen score (kind, path, sha256, ...)
     data: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -98,6 +99,8 @@ class Config:
         kw = {k: _frozen(v) for k, v in d.items() if k not in ("eval", "_doc")}
         kw["net"], kw["proj_net"] = dict(d.get("net") or {}), dict(d.get("proj_net") or {})
         kw["compile"] = d.get("compile") or False
+        if d.get("score_from") is not None:
+            kw["score_from"] = json.loads(json.dumps(d["score_from"]))
         return cls(**kw, eval=ev, data=d)
 
     def to_dict(self) -> dict:
@@ -114,6 +117,11 @@ class Config:
     def toy(self) -> bool:
         """The 2-D mixture job (MLPs, W2) rather than an image job."""
         return self.dataset == "gmm"
+
+    @property
+    def projection_only(self) -> bool:
+        """Only T is trained, on the frozen score of `score_from` (train/run.py train --score-from)."""
+        return self.score_from is not None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -158,12 +166,13 @@ def build(dataset: str, quick: bool, config_file, overrides: dict, seed: int | N
 
 # --- resuming -----------------------------------------------------------------------------------------
 
-def resume(saved: dict, asked: dict, step: int, where: str) -> tuple[Config, dict]:
+def resume(saved: dict, asked: dict, step: int, where: str, evaluation_pending: bool = False) -> tuple[Config, dict]:
     """(config to continue with, {key: [old, new]} of the allowed changes) for a run resumed at `step`.
 
     `asked` holds only what the user set explicitly (command line and --config). Asking for another
     value of a key the checkpoint fixes is an error naming every such key; asking for the same value
-    is fine."""
+    is fine. A run whose training is complete may be resumed only to finish its evaluation
+    (`evaluation_pending`), or with more iterations."""
     conflicts, changed = [], {}
     for k, v in asked.items():
         old = saved.get(k)
@@ -179,9 +188,10 @@ def resume(saved: dict, asked: dict, step: int, where: str) -> tuple[Config, dic
         raise UsageError(f"{where} fixes {'; '.join(conflicts)}: a resumed run continues its own setup "
                          "(start a new run in another --out to change it)")
     cfg = merge(saved, {k: new for k, (_, new) in changed.items()})
-    if cfg["iterations"] <= step:
-        raise UsageError(f"{where} is at step {step}, and --iterations {cfg['iterations']} is not beyond it: "
-                         "ask for more iterations to continue the run")
+    if cfg["iterations"] < step or cfg["iterations"] == step and not evaluation_pending:
+        done = " (its training is complete)" if cfg["iterations"] == step else ""
+        raise UsageError(f"{where} is at step {step}, and --iterations {cfg['iterations']} is not beyond it{done}: "
+                         "ask for more iterations to continue the run, or re-evaluate it with `train/run.py eval`")
     if changed:
         cfg["resumes"] = list(saved.get("resumes", [])) + [{"at_step": step, "changed": changed}]
     return Config.from_dict(cfg, f"{where} (its config)"), changed

@@ -58,6 +58,28 @@ def init(device: str | None = None) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
+def launch(nproc: int, script: str, argv: list[str]) -> int:
+    """`python script argv` in `nproc` processes on this machine, as torchrun would start them (the same
+    elastic launcher, in this process); returns the first failed process's exit code, else 0. Unlike
+    torchrun, a user error inside the processes stays one line and exit code 2: the launcher's own
+    failure report is not printed."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(cfg, sys.executable)(script, *argv)
+    except ChildFailedError as e:
+        return int(e.get_first_failure()[1].exitcode) or 1
+    return 0
+
+
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
@@ -109,4 +131,5 @@ def shard(n: int, d: Dist) -> range:
     return range(lo, hi)
 
 
-__all__ = ["Dist", "init", "shutdown", "barrier", "broadcast_object", "all_reduce_sum", "all_gather_cat", "shard"]
+__all__ = ["Dist", "init", "launch", "shutdown", "barrier", "broadcast_object", "all_reduce_sum", "all_gather_cat",
+           "shard"]

@@ -23,8 +23,8 @@ class CheckpointError(UsageError):
 
 
 class InceptionWeightsMissing(UsageError):
-    """The FID Inception weights are not on this machine; the message (several lines on purpose) says
-    where to put them."""
+    """The FID Inception weights are missing or unusable; the message says where to get them and where to
+    put them."""
 
 
 class Diverged(RuntimeError):

@@ -9,6 +9,8 @@ import copy
 import torch
 from torch import nn
 
+from wgfcore.pretrained import ScoreSource, ScoreSourceError, build_unet, load_score
+
 from .config import Config
 from .errors import UsageError
 
@@ -16,30 +18,45 @@ from .errors import UsageError
 def build_nets(cfg: Config):
     """Score (epsilon) and projection networks for a config: for image datasets the same U-Net twice
     (Ghimire et al. App. B: cfg.preset names a `UNet.from_preset` preset, cfg.net overrides its
-    arguments, cfg.proj_net overrides them further for the projection network only); for the 2-D toy
-    (dataset gmm) two MLPs of 3 hidden layers, cfg.hidden wide (T: cfg.proj_net's "hidden", if given)."""
+    arguments, cfg.proj_net overrides them further for the projection network only; the one reading of
+    these keys is `wgfcore.pretrained.unet_spec`); for the 2-D toy (dataset gmm) two MLPs of 3 hidden
+    layers, cfg.hidden wide (T: cfg.proj_net's "hidden", if given)."""
     if cfg.toy:
         from wgfcore.nets.mlp import MLP
 
         return MLP(2, cfg.hidden, 3), MLP(2, cfg.proj_net.get("hidden", cfg.hidden), 3)  # checked by the schema
-    from wgfcore.nets import UNet
+    return _unet(cfg, projection=False), _unet(cfg, projection=True)
 
-    kw = dict(cfg.net, img_resolution=cfg.resolution, in_channels=cfg.channels)
-    # T may differ from the score net (cfg.proj_net, e.g. {"model_channels": 8}); absent, it is the same.
-    kw_T = dict(kw, **cfg.proj_net)
-    for d in (kw, kw_T):
-        for k, v in d.items():  # JSON has no tuples
-            if isinstance(v, list):
-                d[k] = tuple(v)
-    nets = []
-    for what, key, args in (("score", "net", kw), ("projection", "proj_net", kw_T)):
-        try:
-            nets.append(UNet.from_preset(cfg.preset, **args))
-        except (KeyError, TypeError, ValueError) as e:  # unknown preset or argument: a config error
-            raise UsageError(f"cannot build the {what} U-Net (preset {cfg.preset!r}, {key} "
-                             f"{getattr(cfg, key)}) at {cfg.resolution}x{cfg.resolution}x{cfg.channels}: "
-                             f"{e}") from None
-    return tuple(nets)
+
+def build_projection(cfg: Config) -> nn.Module:
+    """The projection network T alone (a projection-only run's score is not ours to build)."""
+    return _unet(cfg, projection=True)
+
+
+def _unet(cfg: Config, projection: bool) -> nn.Module:
+    what, key = ("projection", "proj_net") if projection else ("score", "net")
+    try:
+        return build_unet(cfg.data, projection=projection)
+    except (KeyError, TypeError, ValueError) as e:  # unknown preset or argument: a config error
+        raise UsageError(f"cannot build the {what} U-Net (preset {cfg.preset!r}, {key} "
+                         f"{getattr(cfg, key)}) at {cfg.resolution}x{cfg.resolution}x{cfg.channels}: "
+                         f"{e}") from None
+
+
+def frozen_score(path, *, record: dict | None = None, shape: tuple | None = None,
+                 what: str = "--score-from") -> ScoreSource:
+    """The frozen score network in `path` (a diffusers UNet2DModel folder or a wgfcore run folder), checked
+    against the images it must take (`shape` = (channels, resolution)) and the record a run stored; every
+    problem is one UsageError line."""
+    try:
+        score = load_score(path)
+        if shape is not None:
+            score.check_shape(*shape, what="the dataset's config")
+        if record is not None:
+            score.check_record(record)
+    except ScoreSourceError as e:
+        raise UsageError(f"{what}: {' '.join(str(e).split())}") from None
+    return score
 
 
 def use_fused(nets) -> None:
@@ -102,4 +119,4 @@ def all_finite(modules) -> torch.Tensor:
     return torch.isfinite(torch.stack(norms)).all()
 
 
-__all__ = ["build_nets", "use_fused", "check_compile", "compiled", "EMA", "all_finite"]
+__all__ = ["build_nets", "build_projection", "frozen_score", "use_fused", "check_compile", "compiled", "EMA", "all_finite"]

@@ -40,15 +40,21 @@ class JointObjective(nn.Module):
 
 
 class ProjectionObjective(nn.Module):
-    """L_proj(T) against a fixed score function (no score network is trained); L_dsm is logged as 0."""
+    """L_proj(T) against a fixed score function (no score network is trained); L_dsm is logged as 0.
 
-    def __init__(self, proj_model: nn.Module, score_fn, sde: VPSDE, cfg: Config):
+    The toy's analytic-score ablation and the projection-only job (--score-from). `forward_net`
+    optionally runs T's forward (a torch.compile wrapper of it), kept out of the module tree as in
+    JointObjective; `score_fn` is a plain function, so the frozen score's weights are not this module's."""
+
+    def __init__(self, proj_model: nn.Module, score_fn, sde: VPSDE, cfg: Config, forward_net=None):
         super().__init__()
-        self.proj, self.sde, self.score_fn = proj_model, sde, score_fn
+        self.proj, self.sde = proj_model, sde
         self.delta_tau = _delta_tau(cfg.delta_tau)
+        self.__dict__["score_fn"] = score_fn
+        self.__dict__["_fwd"] = forward_net if forward_net is not None else proj_model
 
     def forward(self, x0: torch.Tensor, generator: torch.Generator | None):
-        loss = projection_loss(self.proj, self.score_fn, x0, self.sde, delta_tau=self.delta_tau, generator=generator)
+        loss = projection_loss(self._fwd, self.score_fn, x0, self.sde, delta_tau=self.delta_tau, generator=generator)
         return loss, torch.stack([torch.zeros_like(loss).detach(), loss.detach()])
 
 

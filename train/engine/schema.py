@@ -16,6 +16,10 @@ IMAGE_DATASETS = ("digits", "celeba", "lsun_church", "svhn")
 PAPER_DATASETS = ("celeba", "lsun_church", "svhn")
 DATASETS = (*IMAGE_DATASETS, "gmm")
 METRICS = ("digits-fd", "fid", "w2")
+MAX_SEED = 2 ** 32 - 1  # seeds are scaled and offset inside 64-bit generator seeds
+MAX_RESOLUTION = 512  # the paper's runs are 64x64; beyond this a U-Net does not fit a GPU's memory
+#: image channels each dataset has
+CHANNELS = {"digits": 1, "celeba": 3, "lsun_church": 3, "svhn": 3}
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -25,12 +29,12 @@ def _is_num(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def _int(lo: int | None = None):
+def _int(lo: int | None = None, hi: int | None = None):
     def check(v):
         if not _is_int(v):
             return "an integer"
-        if lo is not None and v < lo:
-            return f"an integer >= {lo}"
+        if lo is not None and v < lo or hi is not None and v > hi:
+            return f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
     return check
 
 
@@ -60,8 +64,10 @@ def _str(choices=None):
     return check
 
 
-def _list(item, nonempty=True):
+def _list(item, nonempty=True, length=None):
     def check(v):
+        if length is not None and (not isinstance(v, list) or len(v) != length):
+            return f"a list of {length} items"
         if not isinstance(v, list) or (nonempty and not v):
             return "a non-empty list"
         for x in v:
@@ -112,6 +118,13 @@ def _anything(v):
     return None
 
 
+def _score_from(v):
+    """The frozen score of a projection-only run (train/jobs/projection.py): written by --score-from."""
+    if not (isinstance(v, dict) and v.get("kind") in ("diffusers", "wgfcore") and isinstance(v.get("path"), str)
+            and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64):
+        return 'an object {"kind": "diffusers" or "wgfcore", "path": ..., "sha256": ...} (written by --score-from)'
+
+
 def _rows(v):
     return _list(_str(tuple(ROWS)))(v)
 
@@ -140,7 +153,7 @@ EVAL_SCHEMA = {
 SCHEMA = {
     "_doc": _str(),
     "dataset": _str(DATASETS),
-    "resolution": _int(4),
+    "resolution": _int(4, MAX_RESOLUTION),
     "channels": _int(1),
     "preset": _str(),
     "net": _net,
@@ -152,7 +165,7 @@ SCHEMA = {
     "lr_schedule": _str(("constant", "cosine")),
     "lr_min_ratio": _num(0, 1),
     "optimizer": _str(("adam", "adamw")),
-    "adam_betas": _list(_num(0, 1, hi_open=True)),
+    "adam_betas": _list(_num(0, 1, hi_open=True), length=2),
     "warmup": _int(0),
     "weight_decay": _num(0),
     "grad_clip": _num(0),
@@ -167,12 +180,13 @@ SCHEMA = {
     "ckpt_every": _int(1),
     "snapshot_every": _int(0),
     "cpu_threads": _int(1),
-    "seed": _int(0),
+    "seed": _int(0, MAX_SEED),
     "data_root": _str(),
     "compile": _compile,
     "eval": EVAL_SCHEMA,
     "quick": _bool,  # set on --quick runs: untrained models, whose reports carry no verdicts
     "resumes": _anything,  # written by the trainer: what each resume changed
+    "score_from": _score_from,  # a projection-only run's frozen score (--score-from): only T is trained
 }
 
 REQUIRED = {
@@ -181,7 +195,8 @@ REQUIRED = {
     "gmm": ["dataset", "hidden", "batch_size", "iterations", "lr", "ema_decay", "delta_tau", "log_every",
             "ckpt_every", "grad_clip", "seed", "eval"],
 }
-REQUIRED_EVAL = {"image": ["metric", "rows", "steps", "samples", "batch"], "gmm": ["steps", "samples"]}
+REQUIRED_EVAL = {"image": ["metric", "rows", "steps", "samples", "batch"], "gmm": ["rows", "steps", "samples"]}
+GMM_MIN_SAMPLES = 4  # one point per mode of the mixture
 
 
 def validate(cfg, where: str = "config", partial: bool = False) -> dict:
@@ -208,6 +223,15 @@ def validate(cfg, where: str = "config", partial: bool = False) -> dict:
         ecfg = cfg["eval"]
         if kind == "image" and ecfg.get("metric") == "w2" or kind == "gmm" and ecfg.get("metric", "w2") != "w2":
             raise UsageError(f"{where}: eval.metric {ecfg.get('metric')!r} does not fit dataset {cfg['dataset']!r}")
+        if kind == "image" and cfg["channels"] != CHANNELS[cfg["dataset"]]:
+            raise UsageError(f"{where}: channels {cfg['channels']} does not fit dataset {cfg['dataset']!r} "
+                             f"(its images have {CHANNELS[cfg['dataset']]})")
+        if ecfg.get("metric") == "digits-fd" and (cfg["dataset"], cfg["resolution"]) != ("digits", 16):
+            raise UsageError(f"{where}: eval.metric 'digits-fd' is defined for the 16x16 digits, not dataset "
+                             f"{cfg['dataset']!r} at {cfg['resolution']}x{cfg['resolution']}")
+        if kind == "gmm" and min([ecfg["samples"], *ecfg.get("samples_at", {}).values()]) < GMM_MIN_SAMPLES:
+            raise UsageError(f"{where}: eval.samples must be at least {GMM_MIN_SAMPLES} for the gmm job (its W2 "
+                             "reference holds the same number of points in each of the mixture's 4 modes)")
     return cfg
 
 

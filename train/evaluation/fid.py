@@ -15,7 +15,8 @@ import torch
 
 from wgfcore.metrics import frechet_distance  # pytorch-fid's calculate_frechet_distance
 
-from ..engine.errors import InceptionWeightsMissing
+from ..engine.checkpoint import write_atomic
+from ..engine.errors import InceptionWeightsMissing, one_line
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 DIMS = 2048
@@ -25,16 +26,14 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def weights_instructions(given=None) -> str:
+def weights_instructions(given=None, problem: str = "does not exist") -> str:
     from pytorch_fid.inception import FID_WEIGHTS_URL
 
-    where = f"--inception-weights {given} does not exist" if given else \
+    where = f"the Inception weights file {given} {problem}" if given else \
         f"the FID Inception weights are not in the torch hub cache ({default_weights_path()})"
-    return (f"{where}. FID needs pytorch-fid's Inception weights, which this program never downloads.\n"
-            f"  Fetch them on a machine with internet access:\n"
-            f"    wget {FID_WEIGHTS_URL}\n"
-            f"  then either copy the file to {default_weights_path()}\n"
-            f"  (the torch hub cache; TORCH_HOME moves it) or pass --inception-weights /path/to/{INCEPTION_FILE}.")
+    return (f"{where}. FID needs pytorch-fid's Inception weights, which this program never downloads: fetch "
+            f"{FID_WEIGHTS_URL} on a machine with internet access, then copy the file to {default_weights_path()} "
+            f"(the torch hub cache; TORCH_HOME moves it) or pass --inception-weights /path/to/{INCEPTION_FILE}")
 
 
 def find_weights(path=None) -> Path:
@@ -83,15 +82,18 @@ def build_inception(weights=None, *, random_weights: bool = False, device="cpu")
     a local state dict: the weights file (`weights` or the hub cache) or, for tests, random weights."""
     from pytorch_fid import inception as pfi
 
+    path = None
     if random_weights:
         state = _random_state_dict()
     else:
         path = find_weights(weights)
+        if path.stat().st_size == 0:
+            raise InceptionWeightsMissing(weights_instructions(path, "is an empty file"))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise InceptionWeightsMissing(f"cannot read Inception weights {path}: {e}\n"
-                                          + weights_instructions(path)) from None
+            raise InceptionWeightsMissing(weights_instructions(path, f"cannot be read ({one_line(e)[:200]})")) \
+                from None
 
     def local_loader(url, *args, **kwargs):
         return state
@@ -100,6 +102,9 @@ def build_inception(weights=None, *, random_weights: bool = False, device="cpu")
     pfi.load_state_dict_from_url = local_loader
     try:
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[DIMS]])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:  # a state dict of another network
+        raise InceptionWeightsMissing(weights_instructions(
+            path, f"is not pytorch-fid's Inception weights ({one_line(e)[:160]})")) from None
     finally:
         pfi.load_state_dict_from_url = original
     return model.eval().requires_grad_(False).to(device)
@@ -166,13 +171,8 @@ class Stats:
 
 def save_stats(path, mu, sigma, **meta) -> None:
     """pytorch-fid's .npz layout (mu, sigma), written atomically."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()}),
+                 "FID statistics")
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,8 @@ def features_and_reference(cfg: Config, d, cache_dir: Path, progress: bool, ince
 def digits_metric(cfg: Config, cache_dir: Path, d, progress: bool, n_floor=()):
     """(features, reference stats, extra table rows, classifier accuracy) for digits-FD: the cached
     classifier's features, the statistics of all 1797 digits, and the floor of the estimator
-    (n real digits, for each n in n_floor, vs all). Rank 0 trains and caches the classifier; the other ranks then load it."""
+    (n real digits, for each n in n_floor, vs all). Rank 0 trains and caches the classifier; the other ranks
+    then load it."""
     if cfg.channels != 1 or cfg.resolution != 16:
         raise UsageError("digits-FD is defined for 1x16x16 digits")
     kw = dict(resolution=cfg.resolution, epochs=int(cfg.eval.classifier_epochs))

@@ -33,7 +33,7 @@ from wgfcore.scores import kwon_mixture
 from wgfcore.sde import karras_sigmas
 
 from ..data.datasets import load_digits_tensor
-from ..engine.cli import pos_int
+from ..engine.cli import path, pos_int, seed as seed_arg, threads
 from ..engine.errors import UsageError
 from ..evaluation.plots import band, pyplot
 
@@ -58,14 +58,14 @@ def check_karras_args(args) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    p.add_argument("--out", type=Path, default=Path("runs/geometry"), help="output folder")
-    p.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=path, default=Path("runs/geometry"), help="output folder")
+    p.add_argument("--figures", type=path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
+    p.add_argument("--seed", type=seed_arg, default=0)
     add_karras_args(p)
     p.add_argument("--n-digits", type=pos_int, default=128, help="trajectories on the digits")
     p.add_argument("--n-2d-data", type=pos_int, default=256, help="size of the 2-D training set (mixture samples)")
     p.add_argument("--n-2d", type=pos_int, default=128, help="trajectories in 2-D (16 are drawn)")
-    p.add_argument("--threads", type=pos_int, default=1)
+    p.add_argument("--threads", type=threads, default=1)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm.auto import trange
 
 from wgfcore.denoisers import optimal_denoiser
 from wgfcore.edm import trajectories, vp_denoiser_from_score
@@ -46,7 +47,7 @@ from wgfcore.sde import VPSDE, karras_sigmas
 
 from ..data.datasets import load_digits_tensor
 from ..engine.checkpoint import load_run
-from ..engine.cli import at_least, pos_int
+from ..engine.cli import at_least, path, pos_int, seed as seed_arg, threads
 from ..engine.errors import UsageError
 from ..evaluation.digits_classifier import DigitsFeatures, get_classifier
 from .chen_optimal import add_karras_args, check_karras_args
@@ -55,23 +56,23 @@ from .chen_report import FIGURES, write_outputs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    p.add_argument("--run", type=Path, required=True, help="a finished run folder of train/run.py (digits)")
-    p.add_argument("--out", type=Path, default=Path("runs/chen"), help="output folder (default runs/chen)")
-    p.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
-    p.add_argument("--markdown", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--run", type=path, required=True, help="a finished run folder of train/run.py (digits)")
+    p.add_argument("--out", type=path, default=Path("runs/chen"), help="output folder (default runs/chen)")
+    p.add_argument("--figures", type=path, default=None, help="also copy the PNGs here (e.g. docs/figures)")
+    p.add_argument("--markdown", type=path, default=None, help="also write the markdown table here")
     p.add_argument("--samples", type=at_least(2), default=1000,
                    help="trajectories B (digits-FD needs several hundred)")
     add_karras_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the bootstrap")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the initial noise and of the bootstrap")
     p.add_argument("--bootstrap", type=at_least(2), default=200, help="bootstrap resamples for each digits-FD point")
     p.add_argument("--floor-draws", type=at_least(2), default=20, help="subsets of real digits for the FD floor")
     p.add_argument("--batch", type=pos_int, default=500, help="network batch (memory only)")
-    p.add_argument("--cache-dir", type=Path, default=None,
+    p.add_argument("--cache-dir", type=path, default=None,
                    help="the digits classifier cache, shared with train/run.py (default <run>/../.cache)")
     p.add_argument("--classifier-epochs", type=pos_int, default=None,
                    help="default: the run's eval.classifier_epochs")
     p.add_argument("--allow-unfinished", action="store_true", help="use the newest checkpoint of a running job")
-    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -144,14 +145,15 @@ def path_statistics(tr: dict, data: torch.Tensor, spacing: float | None = None) 
     }
 
 
-def denoise_along(tr: dict, denoiser) -> torch.Tensor:
+def denoise_along(tr: dict, denoiser, progress: bool = False, desc: str = "denoise") -> torch.Tensor:
     """denoiser(x_i; sigma_i) at the states x_0..x_{N-1} of a trajectory `tr`, stacked (N, B, ...) in x's dtype."""
     X, sig = tr["x"][:-1], tr["sigmas"]
     return torch.stack([denoiser(X[i], torch.full((X.shape[1],), float(sig[i]), dtype=X.dtype))
-                        for i in range(X.shape[0])])
+                        for i in trange(X.shape[0], desc=desc, disable=not progress, leave=False)])
 
 
-def fd_with_noise(feature_sets: dict, ref: tuple, n_boot: int, seed: int, paired_to: str) -> dict:
+def fd_with_noise(feature_sets: dict, ref: tuple, n_boot: int, seed: int, paired_to: str,
+                  progress: bool = False) -> dict:
     """digits-FD of each feature set (n, k) against `ref` = (mu, Sigma), with its bootstrap standard error,
     and the paired difference to the set `paired_to` with a 95% percentile interval.
 
@@ -164,7 +166,7 @@ def fd_with_noise(feature_sets: dict, ref: tuple, n_boot: int, seed: int, paired
     point = {k: frechet_distance(*gaussian_fit(f), *ref) for k, f in feature_sets.items()}
     g = torch.Generator().manual_seed(seed)
     boots = {k: [] for k in names}
-    for _ in range(n_boot):
+    for _ in trange(n_boot, desc="digits-FD bootstrap", disable=not progress, leave=False):
         idx = torch.randint(0, n, (n,), generator=g)
         for k in names:
             boots[k].append(frechet_distance(*gaussian_fit(feature_sets[k][idx]), *ref))
@@ -214,8 +216,8 @@ def compute(args, cfg, net, data, feats):
     spacing = float(typical_spacing(data).median())
     S = {m: {**path_statistics(t, data, spacing), "traj": t} for m, t in tr.items()}
     # score deviation, always against the optimal score s*: at D_theta's states and at D*'s states
-    star_on_theta = denoise_along(tr["theta"], D_star)
-    theta_on_opt = denoise_along(tr["opt"], D_theta)
+    star_on_theta = denoise_along(tr["theta"], D_star, args.progress, "D* on D_theta's paths")
+    theta_on_opt = denoise_along(tr["opt"], D_theta, args.progress, "D_theta on D*'s paths")
     dev = {"theta": score_deviation(tr["theta"]["denoised"], star_on_theta, tr["theta"]["x"][:-1], batch_dims=2),
            "opt": score_deviation(theta_on_opt, tr["opt"]["denoised"], tr["opt"]["x"][:-1], batch_dims=2)}
     dev = {m: tuple(v.numpy() for v in d) for m, d in dev.items()}
@@ -232,7 +234,7 @@ def compute(args, cfg, net, data, feats):
     sets["opt_x_final"] = feats(tr["opt"]["x"][-1].float())
     f_data = feats(data.float())
     ref = gaussian_fit(f_data)
-    q = fd_with_noise(sets, ref, args.bootstrap, args.seed, paired_to=f"theta_x_{N}")
+    q = fd_with_noise(sets, ref, args.bootstrap, args.seed, paired_to=f"theta_x_{N}", progress=args.progress)
     floor = data_floor(f_data, ref, args.samples, args.floor_draws, args.seed)
     first_k = first_within_noise(q, [f"theta_jump_{k}" for k in range(N)])
     first_x = first_within_noise(q, [f"theta_x_{k}" for k in range(N + 1)])

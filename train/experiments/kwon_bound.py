@@ -56,7 +56,7 @@ from wgfcore.bounds import kwon_bound_constant, one_sided_lipschitz
 from wgfcore.nets.mlp import MLP
 from wgfcore.scores import kwon_mixture
 
-from ..engine.cli import at_least, pos_int
+from ..engine.cli import at_least, path, pos_int, seed as seed_arg, threads
 from ..engine.config import Config
 from ..engine.distributed import Dist
 from ..engine.errors import UsageError
@@ -69,11 +69,11 @@ CONFIGS = tuple(SETUPS)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    p.add_argument("--out", type=Path, default=Path("runs/kwon_bound"), help="output folder")
-    p.add_argument("--doc", type=Path, default=None, help="also write the markdown table here")
-    p.add_argument("--figures", type=Path, default=None, help="also write the figures into this folder")
+    p.add_argument("--out", type=path, default=Path("runs/kwon_bound"), help="output folder")
+    p.add_argument("--doc", type=path, default=None, help="also write the markdown table here")
+    p.add_argument("--figures", type=path, default=None, help="also write the figures into this folder")
     p.add_argument("--configs", default="kwon,ours", help="comma-separated subset of kwon,ours")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--runs", type=pos_int, default=2, help="training runs per configuration (seeds seed, seed+1, ...)")
     p.add_argument("--ascent", type=at_least(0), default=20, help="iterations that maximise the DSM loss first")
     p.add_argument("--ascent-checkpoints", type=at_least(0), default=4)
@@ -96,11 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-x", type=pos_int, default=256, help="x draws per time for J")
     p.add_argument("--lip-times", type=pos_int, default=40, help="ours: time intervals for L_s(t)")
     p.add_argument("--lip-points", type=pos_int, default=256, help="points per time for L_s (plus a 17x17 grid)")
-    p.add_argument("--render", type=Path, default=None,
+    p.add_argument("--render", type=path, default=None,
                    help="re-render the table and figures from a finished run's --out folder (no training), with "
                         "the options that run recorded (kwon_run.json); only --doc and --figures may be given")
     p.add_argument("--small", action="store_true", help="seconds-long smoke version (the test suite runs it)")
-    p.add_argument("--threads", type=pos_int, default=1)
+    p.add_argument("--threads", type=threads, default=1)
 
 
 def check_arguments(args) -> None:

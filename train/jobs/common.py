@@ -3,7 +3,6 @@ CPU threads, and which run and checkpoint `--resume` means (ALGORITHMS §7's run
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from ..engine import checkpoint as ckpt
 from ..engine import config as C
 from ..engine.errors import UsageError
-from ..engine.rundir import holds_run
+from ..engine.runfiles import checkpoint_files, holds_run
 
 #: command-line options that override config keys (config key -> argparse dest)
 OVERRIDES = {"iterations": "iterations", "batch_size": "batch_size", "lr": "lr", "ema_decay": "ema_decay",
@@ -78,9 +77,11 @@ def resolve_resume(args, runs_dir: Path):
             if c is not None:
                 return c, f
             if holds_run(f):
-                raise UsageError(f"--resume auto: {f} holds a run but no readable checkpoint in {f / 'checkpoints'}; "
-                                 "replace it with --overwrite (without --resume), or choose another --out")
-        print("--resume auto: no checkpoint found, starting a new run", file=sys.stderr)
+                if checkpoint_files(f):  # written, but none reads back: never replaced without being asked
+                    raise UsageError(f"--resume auto: {f} holds a run but no readable checkpoint in "
+                                     f"{f / 'checkpoints'}; replace it with --overwrite (without --resume), or "
+                                     "choose another --out")
+                return None, f  # stopped before its first checkpoint: the new run starts afresh there
         return None, None
     p = Path(args.resume)
     if p.is_file():

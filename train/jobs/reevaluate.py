@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import torch
+
+from ..engine import config as C
 from ..engine.checkpoint import load_run
 from ..engine.errors import UsageError
-from ..engine.networks import check_compile, compiled, use_fused
-from ..engine.rundir import claim_existing
+from ..engine.networks import all_finite, check_compile, compiled, use_fused
+from ..engine.rundir import claim_existing, make_folder, update_record
 from ..evaluation.evaluate import evaluate
 from ..evaluation.fid import build_inception
 from ..evaluation.references import features_and_reference
@@ -22,12 +26,23 @@ def eval_job(args, d) -> int:
     if not (run / "checkpoints").is_dir():
         raise UsageError(f"--run {run}: expected a run folder with a checkpoints/ subfolder")
     progress = not args.no_progress
+    for flag, given in (("--inception-weights", args.inception_weights), ("--ref-stats", args.ref_stats),
+                        ("--ref-samples", args.ref_samples)):
+        if given is not None and not args.fid:
+            raise UsageError(f"{flag} is only used with --fid (pytorch-fid FID); add --fid or drop it")
+    if args.ref_stats and args.ref_samples:
+        raise UsageError("--ref-stats gives the reference statistics and --ref-samples computes them: choose one")
     inception = build_inception(args.inception_weights, device=d.device) if args.fid else None  # fails first
     cfg, eps_net, proj_net, step = load_run(run)
+    if not bool(all_finite([eps_net, proj_net])):
+        raise UsageError(f"--run {run}: the EMA weights of its checkpoint (step {step}) are not finite; "
+                         "evaluate an earlier snapshot (checkpoints/ckpt_*.pt) or train again")
     if cfg.toy:
         raise UsageError(f"--run {run} is a gmm (toy) run; its evaluation is part of `--dataset gmm`")
     set_threads(args, cfg, d)
     changes, eval_changes = {}, {}
+    if args.quick:  # the --quick config's small table: a pipeline check, reported without verdicts
+        eval_changes.update(C.build(cfg.dataset, True, None, {}, None).data["eval"])
     if args.data_root:
         changes["data_root"] = str(Path(args.data_root).expanduser().resolve())
     if args.fid:
@@ -48,18 +63,23 @@ def eval_job(args, d) -> int:
         raise UsageError(f"this run's metric is {cfg.eval.metric!r}; evaluate it with --fid")
     backend_compile = args.compile if args.compile is not None else cfg.compile
     check_compile(backend_compile)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else run.parent / ".cache"
+    make_folder(cache_dir, "cache folder", "--cache-dir")
     lock = claim_existing(run) if d.main else None
+    t0 = time.time()
     try:
         if args.fused:
             if d.device.type != "cuda" and d.main:
                 print("warning: --fused on CPU runs the Triton kernels in the interpreter (slow)", file=sys.stderr)
             use_fused([eps_net, proj_net])
         eps_net, proj_net = compiled(eps_net, backend_compile), compiled(proj_net, backend_compile)
-        cache_dir = Path(args.cache_dir) if args.cache_dir else run.parent / ".cache"
-        feats, ref, extra, _ = features_and_reference(cfg, d, cache_dir, progress, inception, args.ref_stats)
+        feats, ref, extra, info = features_and_reference(cfg, d, cache_dir, progress, inception, args.ref_stats)
         prefix = "fid_" if args.fid else ""
         evaluate(cfg, eps_net, proj_net, feats, ref, run, d, backend="triton" if args.fused else "auto",
-                 progress=progress, prefix=prefix, extra_rows=extra, verdicts=not cfg.quick)
+                 progress=progress, prefix=prefix, extra_rows=extra, verdicts=not (cfg.quick or args.quick))
+        if d.main:  # what export reads; the training time recorded before stays
+            update_record(run / "timing.json", **{f"{prefix}eval_seconds": round(time.time() - t0, 1)},
+                          device=str(d.device), world_size=d.world, threads=torch.get_num_threads(), **info)
     finally:
         if lock is not None:
             lock.release()

@@ -27,7 +27,7 @@ from ..engine.errors import UsageError
 from ..engine.loop import loop, loss_fields, make_optimizer
 from ..engine.networks import EMA, build_nets, check_compile, compiled
 from ..engine.objectives import JointObjective, ProjectionObjective
-from ..engine.rundir import LossLog, claim_new, write_json
+from ..engine.rundir import LossLog, claim_new, undo_new_run, write_json
 from ..evaluation.plots import plot_losses, plot_metric, toy_scatter
 from ..evaluation.report import toy_markdown, toy_verdicts, write_csv
 from ..evaluation.table import cells, check_nfe
@@ -127,9 +127,12 @@ def toy_job(args, d) -> int:
     cfg = C.build("gmm", args.quick, args.config, overrides(args), args.seed)
     check_compile(cfg.compile)
     out = Path(args.out) if args.out else Path(args.runs_dir) / time.strftime("gmm-%Y%m%d-%H%M%S")
-    lock = claim_new(out, args.overwrite)
+    lock = claim_new(out, args.overwrite, job="gmm", resumable=False)
     try:
         return _run(cfg, out, args, d)
+    except UsageError:
+        undo_new_run(out, lock)  # a failed start leaves nothing that blocks the folder
+        raise
     finally:
         lock.release()
 
