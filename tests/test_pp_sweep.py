@@ -10,6 +10,8 @@ import torch
 from train.experiments import pp_sweep_cost as Cost
 from train.experiments import pp_sweep_report as R
 
+from cli_support import cli, one_line_error
+
 TIMING = {"sessions": [{"per_step_seconds": {"em": [1.0]}, "batch": 200}],
           "ratio_to_em": {"em": {"median": 1.0}, "pp:1": {"median": 1.74}, "pp:0.5": {"median": 1.28},
                           "pp:0.25": {"median": 1.15}, "tweedie": {"median": 1.9}, "tweedie_free": {"median": 1.0}}}
@@ -77,12 +79,14 @@ def test_config_rows_pair_within_seeds():
 
 
 def _fake_run(path, seed, proj_net=None):
-    """A digits run folder with untrained networks (the sweep reads only its config and EMA weights)."""
+    """A digits run folder with untrained networks (the sweep reads only its config and EMA weights); an
+    8-channel U-Net, so that the test's few hundred network calls take seconds."""
     from train.engine.checkpoint import save_checkpoint
     from train.engine.config import build
     from train.engine.networks import build_nets
 
-    cfg = build("digits", True, None, {"proj_net": proj_net} if proj_net else {}, seed)
+    over = {"net": {"model_channels": 8, "head_channels": 16}}
+    cfg = build("digits", True, None, dict(over, proj_net=proj_net) if proj_net else over, seed)
     torch.manual_seed(seed)
     eps, proj = build_nets(cfg)
     state = {"step": 0, "config": cfg.data, "world_size": 1, "eps": eps.state_dict(), "proj": proj.state_dict(),
@@ -92,11 +96,11 @@ def _fake_run(path, seed, proj_net=None):
 
 
 @pytest.mark.slow
-def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path):
+def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path, capsys):
     from train.run import main
 
-    runs = [str(_fake_run(tmp_path / "r0", 0)), str(_fake_run(tmp_path / "r0h", 0, {"model_channels": 8,
-                                                                                       "head_channels": 16}))]
+    runs = [str(_fake_run(tmp_path / "r0", 0)), str(_fake_run(tmp_path / "r0h", 0, {"model_channels": 4,
+                                                                                       "head_channels": 8}))]
     common = ["pp-sweep", "--small", "--jobs", "1", "--steps", "20", "--delta-p", "1"]
     assert main(common + ["--runs", *runs, "--out", str(tmp_path / "out"), "--proj", "pp,tweedie"]) == 0
     doc = (tmp_path / "out" / "pp_sweep.md").read_text()
@@ -113,8 +117,41 @@ def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path):
     (ref,) = [r for r in full if r["proj"] == "pp" and r["width"] == "1"]
     assert len(sub) == 1 and sub[0]["value"] == ref["value"]
     assert [sub[0][m]["per_seed"] for m in ("nfe", "flops", "wall")] == [ref[m]["per_seed"] for m in ("nfe", "flops", "wall")]
-    assert main(common + ["--runs", *runs, "--out", str(tmp_path / "bad"), "--proj", "nope"]) == 2
-    assert main(["pp-sweep", "--runs", str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
+    # every drawn cell's value by seed, in a file beside the page: the subset's cells are the full run's rows
+    full_cells = (tmp_path / "out" / "pp_sweep_cells.md").read_text().splitlines()
+    sub_rows = [ln for ln in (tmp_path / "sub" / "pp_sweep_cells.md").read_text().splitlines() if ln.startswith("| pp")]
+    assert sub_rows and all(ln in full_cells for ln in sub_rows)
+    one_line_error(*cli(common + ["--runs", *runs, "--out", tmp_path / "bad", "--proj", "nope"], capsys), "--proj")
+    one_line_error(*cli(["pp-sweep", "--runs", tmp_path, "--out", tmp_path / "bad"], capsys), "not a run folder")
+
+
+def test_the_generated_section_is_replaced_and_the_rest_kept(tmp_path):
+    doc = tmp_path / "page.md"
+    R.rewrite_doc(doc, "## Results\n\nfirst\n", "# Title")
+    assert doc.read_text() == "# Title\n\n## Results\n\nfirst\n"
+    doc.write_text("# Plan\n\nthe grid\n\n## Results\n\nold numbers\n\n" + R.HAND_MARK + "\n## Reading\n\nby hand\n")
+    R.rewrite_doc(doc, "## Results\n\nnew numbers\n", "# Title")
+    text = doc.read_text()
+    assert text.startswith("# Plan\n\nthe grid\n\n## Results\n\nnew numbers\n") and "old numbers" not in text
+    assert text.endswith(R.HAND_MARK + "\n## Reading\n\nby hand\n")
+    lines = R.cells_lines({(0, "em_20"): (200, 1.0), (1, "em_20"): (200, 2.5), (1, "pp_w1_20_dp1"): (200, 3.0)}, ".2f")
+    assert lines[2:] == ["| em_20 | 200 | 1.00 | 2.50 |", "| pp_w1_20_dp1 | 200 | — | 3.00 |"]
+
+
+@pytest.mark.slow
+def test_small_toy_sweep_end_to_end(tmp_path, capsys):
+    # the toy command: trains the joint and the analytic-score runs of one (seed, width), draws, reports
+    from train.run import main
+
+    args = ["pp-sweep-toy", "--small", "--jobs", "1", "--seeds", "0", "--widths", "32", "--steps", "20",
+            "--delta-p", "1", "--out", str(tmp_path / "toy")]
+    assert main(args + ["--proj", "pp,tweedie"]) == 0
+    doc = (tmp_path / "toy" / "pp_sweep_toy.md").read_text()
+    assert "### Learned score" in doc and "### Analytic score" in doc and "| learned, width 0.25 | 20 | 1 |" in doc
+    cells = (tmp_path / "toy" / "pp_sweep_toy_cells.md").read_text()
+    assert "| h32/pp_w0.25_20_dp1 | 200 |" in cells and "| analytic/em_20 | 200 |" in cells
+    assert sorted(p.name for p in (tmp_path / "toy" / "runs" / "s0-h32").iterdir()) == ["analytic", "joint"]
+    one_line_error(*cli(args + ["--proj", "nope"], capsys), "--proj")
 
 
 def test_gmm_proj_net_sets_the_width_of_t_only():

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=pos_int, default=2, help="worker processes (one thread each)")
     p.add_argument("--no-draw", action="store_true", help="only report what the cache holds")
     p.add_argument("--small", action="store_true", help="seconds-long smoke version (the tests run it): "
-                   "64 samples per cell, 2 timing rounds of 2 steps, 20 bootstrap resamples")
+                   "48 samples per cell (one batch), 2 timing rounds of 2 steps, 20 bootstrap resamples")
 
 
 def _floats(s, what, allowed=None):
@@ -232,24 +232,31 @@ def run_cells(args, cells: dict, cache_dir: Path, log) -> None:
     if not todo or args.no_draw:
         return
     done = 0
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_worker_init,
-                             initargs=(str(cache_dir), dict(S))) as ex:
-        futs = {}
-        for _, _, cost, key, path, kind, steps, dp, n in todo:
-            f = R.cell_file(args.out, key)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            futs[ex.submit(draw_cell, path, kind, steps, dp, n, str(f))] = (-cost, key)
-        for fut in as_completed(futs):
-            cost, key = futs[fut]
-            sec = fut.result()
+    jobs = []
+    for _, _, cost, key, path, kind, steps, dp, n in todo:
+        f = R.cell_file(args.out, key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append(((path, kind, steps, dp, n, str(f)), -cost, key))
+    if args.jobs == 1:  # in this process: a worker's start (imports, the classifier) costs more than small cells
+        _worker_init(str(cache_dir), dict(S))
+        finished = ((job, draw_cell(*job[0])) for job in jobs)
+    else:
+        ex = ProcessPoolExecutor(max_workers=args.jobs, initializer=_worker_init, initargs=(str(cache_dir), dict(S)))
+        futs = {ex.submit(draw_cell, *job[0]): job for job in jobs}
+        finished = ((futs[fut], fut.result()) for fut in as_completed(futs))
+    try:
+        for (_, cost, key), sec in finished:
             done += cost
             log(f"drew s{key[0]} {key[2]} in {sec:.0f} s ({100 * done / total:.0f}% of the work)")
+    finally:
+        if args.jobs > 1:
+            ex.shutdown(cancel_futures=True)
 
 
 def run(args) -> int:
     check_arguments(args)
     if args.small:
-        S.update(samples=64, table1_samples=64, fig_n=64, batch=32, n_boot=20, timing_steps=2, timing_rounds=2)
+        S.update(samples=48, table1_samples=48, fig_n=48, batch=48, n_boot=20, timing_steps=2, timing_rounds=2)
     t0 = time.time()
 
     def log(msg):

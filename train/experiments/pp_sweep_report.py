@@ -29,6 +29,8 @@ TWEEDIE_STEPS = (20, 40)
 S = {"samples": 200, "table1_samples": 400, "fig_n": 200, "batch": 200, "n_boot": 200, "timing_steps": 10,
      "timing_rounds": 7}
 DOC_MARK = "## Results"
+#: the reading of the results, written by hand below the generated section; re-generating keeps it
+HAND_MARK = "<!-- written by hand from here on: the generator keeps it -->"
 
 
 def paper_dp(N: int) -> float:
@@ -61,6 +63,27 @@ def load_features(out: Path, key, n: int):
         return None
     x = torch.load(f, weights_only=True)["features"]
     return x[:n] if x.shape[0] >= n else None
+
+
+def rewrite_doc(doc: Path, generated: str, title: str) -> None:
+    """Replace the generated section of `doc` (from its DOC_MARK heading up to HAND_MARK, if any): the part
+    before it (a pre-registration) and the hand-written part after HAND_MARK are kept as they are."""
+    old = doc.read_text() if doc.is_file() else title + "\n"
+    head = old.split("\n" + DOC_MARK + "\n")[0].split(HAND_MARK)[0].rstrip("\n")
+    tail = HAND_MARK + old.split(HAND_MARK, 1)[1] if HAND_MARK in old else ""
+    doc.write_text(head + "\n\n" + generated.rstrip("\n") + "\n" + ("\n" + tail if tail else ""))
+
+
+def cells_lines(values: dict, f: str) -> list:
+    """Every drawn cell's value by training seed ({(seed, name): (n, value)}), for re-deriving cells."""
+    names = sorted({k[1] for k in values})
+    seeds = sorted({k[0] for k in values})
+    L = ["| cell | n | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---:|" + "---:|" * len(seeds)]
+    for name in names:
+        ns = {values[(s, name)][0] for s in seeds if (s, name) in values}
+        L.append(f"| {name} | {'/'.join(str(n) for n in sorted(ns))} | " + " | ".join(
+            format(values[(s, name)][1], f) if (s, name) in values else "—" for s in seeds) + " |")
+    return L
 
 
 def t_interval(x) -> tuple[float, float, float]:
@@ -133,6 +156,15 @@ def em_curve(configs, value, fig_n) -> dict:
 
 def analyse(out: Path, configs, runs, ref):
     fd = {}
+    boot_file = out / "bootstrap.json"  # a bootstrap of 400 samples costs ~10 s; a re-render reuses it
+    boot = json.loads(boot_file.read_text()) if boot_file.is_file() else {}
+
+    def cached(what, keys, n, seed, fn):
+        k = f"{what}|{'|'.join(map(str, keys))}|{n}|{S['n_boot']}|{seed}"
+        if k not in boot:
+            boot[k] = fn()
+            boot_file.write_text(json.dumps(boot, indent=0))
+        return boot[k]
 
     def value(key, n):
         if (key, n) not in fd:
@@ -152,9 +184,12 @@ def analyse(out: Path, configs, runs, ref):
         e = {"N": N, "dp": dp0, "seeds": [r.seed for r in w1]}
         for k, fs in feats.items():
             e[k] = spread([value((r.seed, r.eps_sha, cell_name(*names[k], "1")), n) for r in w1],
-                          [bootstrap_se(f, ref, S["n_boot"], r.seed) for f, r in zip(fs, w1)])
+                          [cached("se", [r.eps_sha, cell_name(*names[k], "1")], n, r.seed,
+                                  lambda f=f, r=r: bootstrap_se(f, ref, S["n_boot"], r.seed)) for f, r in zip(fs, w1)])
         for a, b in (("pp", "em"), ("pp", "em2n"), ("em2n", "em")):
-            p = [paired_difference(fa, fb, ref, S["n_boot"], r.seed) for fa, fb, r in zip(feats[a], feats[b], w1)]
+            p = [cached("pair", [r.eps_sha, cell_name(*names[a], "1"), cell_name(*names[b], "1")], n, r.seed,
+                        lambda fa=fa, fb=fb, r=r: list(paired_difference(fa, fb, ref, S["n_boot"], r.seed)))
+                 for fa, fb, r in zip(feats[a], feats[b], w1)]
             e[f"{a}-{b}"] = spread([x[0] for x in p], [x[1] for x in p])
         table1.append(e)
     curves = em_curve(configs, value, S["fig_n"])
@@ -189,6 +224,11 @@ def sweep_lines(rows, metric: str, n: int, f: str = ".2f") -> list:
     L += ["", f"Verdict counts over the {len(done)} drawn configurations (of {len(rows)}): " + "; ".join(
         f"{m}: " + ", ".join(f"{sum(1 for r in done if m in r and r[m]['verdict'] == k)} {k}"
                              for k in ("pays", "loses", "within noise")) for m in ("nfe", "flops", "wall")) + "."]
+    pays = [(r, m) for r in done for m in ("nfe", "flops", "wall") if m in r and r[m]["verdict"] == "pays"]
+    L += ["", "Candidates (a \"pays\" verdict; by the pre-registered rule a candidate stands only once confirmed on "
+          "two further training seeds): " + ("; ".join(
+              f"{LABEL[r['proj']] if r['proj'] != 'pp' else 'learned T width ' + r['width']}, N = {r['N']}, "
+              f"δp = {r['dp']:g}, equal {m}: {_iv(r[m], f)}" for r, m in pays) or "none") + "."]
     return L
 
 
@@ -272,8 +312,15 @@ def write_report(args, configs, cells, runs, timing, log) -> None:
             heun.setdefault(steps, []).append(value(key, S["fig_n"]))
     heun = {N: float(np.mean(v)) for N, v in heun.items()}
     doc = args.doc or args.out / "pp_sweep.md"
-    old = doc.read_text() if doc.is_file() else "# Predict-Project sweep\n"
-    doc.write_text(old.split("\n" + DOC_MARK + "\n")[0].rstrip("\n") + "\n\n" + markdown(args, rows, table1, runs, timing))
+    per_cell = {(k[0], f"{k[2]} (n = {n})"): (n, value(k, n)) for k, v in cells.items()
+                for n in sorted({S["samples"], v[3]}) if n <= v[3] and value(k, n) is not None}
+    cells_doc = doc.with_name(doc.stem + "_cells.md")
+    rewrite_doc(doc, markdown(args, rows, table1, runs, timing) + f"\nEvery cell's digits-FD by training seed: "
+                f"[{cells_doc.name}]({cells_doc.name}).\n", "# Predict-Project sweep")
+    cells_doc.write_text(f"# The cells of the sweep in [{doc.name}]({doc.name}), by training seed\n\nGenerated with it "
+                         f"(`python train/run.py {' '.join(args.argv)}`): digits-FD of each cell's n samples (sample i "
+                         "is the same whatever n, so a subset re-derives these values).\n\n"
+                         + "\n".join(cells_lines(per_cell, ".4f")) + "\n")
     cost = cost_function({r.width: r.flops for r in runs}, timing)
     for d in [args.out] + ([args.figures] if args.figures else []):
         plot(rows, curves, heun, cost, Path(d) / "pp_sweep.png", f"digits-FD (mean over seeds, {S['fig_n']} samples)")
@@ -281,5 +328,5 @@ def write_report(args, configs, cells, runs, timing, log) -> None:
     log(f"wrote {doc} and the figure: {sum(not r.get('missing') for r in rows)} of {len(rows)} configurations drawn")
 
 
-__all__ = ["GRID", "TWEEDIE_STEPS", "PROJ", "LABEL", "S", "cell_name", "cell_file", "load_features", "paper_dp",
+__all__ = ["GRID", "TWEEDIE_STEPS", "PROJ", "LABEL", "S", "HAND_MARK", "rewrite_doc", "cells_lines", "cell_name", "cell_file", "load_features", "paper_dp",
            "config_rows", "em_curve", "sweep_lines", "plot", "write_report"]

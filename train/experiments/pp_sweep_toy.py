@@ -141,12 +141,14 @@ def rel(width: int) -> str:
     return f"{width / 128:g}"
 
 
-def timing_session(out: Path, seed: int, n: int, log):
-    """measure(keys) for pp_sweep_report.timing_for: each sampler on n points (see pp_sweep.timing_session)."""
+def timing_session(out: Path, seed: int, base: int, n: int, log):
+    """measure(keys) for pp_sweep_report.timing_for: each sampler on n points (see pp_sweep.timing_session),
+    with the networks of (seed, base width) except a learned T of another width ("pp:<relative width>")."""
     def measure(keys):
         def run_one(key):
             kind, _, w = key.partition(":")
-            draw_toy(str(out), seed, int(round(float(w or 1) * 128)), "learned", kind, TOY["timing_steps"], 1.0, n)
+            width = int(round(float(w) * 128)) if w else base
+            draw_toy(str(out), seed, width, "learned", kind, TOY["timing_steps"], 1.0, n)
         return Cost.interleaved(run_one, keys, TOY["timing_rounds"], TOY["timing_steps"], n, log)
     return measure
 
@@ -218,7 +220,7 @@ def run(args) -> int:
     args.proj = [p for p in (args.proj or PROJ) if available(p)]
     keys = ["em", "heun"] + [p for p in args.proj if p != "pp"] + \
         ([f"pp:{rel(w)}" for w in args.widths] if "pp" in args.proj else [])
-    timing = Cost.timing_for(out / "timing.json", keys, timing_session(out, args.seeds[0], n, log))
+    timing = Cost.timing_for(out / "timing.json", keys, timing_session(out, args.seeds[0], args.widths[0], n, log))
     configs, cells = plan_toy(args, timing, F)
     todo = [(k, v) for k, v in cells.items() if not (out / "cells" / f"s{k[0]}-{k[1]}" / f"{k[2]}.json").is_file()]
     log(f"{len(cells)} cells, {len(todo)} to draw")
@@ -263,8 +265,14 @@ def write_toy_report(args, configs, cells, floors, F, timing, log) -> None:
                    Path(d) / name, "W2 (mean over seeds)", title=f"Toy, {score} score: ")
         L += ["", f"### {score.capitalize()} score", ""] + R.sweep_lines(rows, "W2", n, ".4f") + ["", f"![{score}](figures/{name})"]
     doc = args.doc or out / "pp_sweep_toy.md"
-    doc.write_text("# Predict-Project sweep on the 2-D toy (issue 20; pre-registered in pp_sweep.md)\n\n"
-                   + "\n".join(L) + "\n")
+    cells_doc = doc.with_name(doc.stem + "_cells.md")
+    per_cell = {(k[0], f"{k[1]}/{k[2]}"): (n, value(k)) for k in cells if value(k) is not None}
+    L += ["", f"Every cell's W2 by training seed (score net / cell): [{cells_doc.name}]({cells_doc.name})."]
+    R.rewrite_doc(doc, "\n".join(L), "# Predict-Project sweep on the 2-D toy (issue 20; pre-registered in pp_sweep.md)")
+    cells_doc.write_text(f"# The cells of the toy sweep in [{doc.name}]({doc.name}), by training seed\n\nGenerated "
+                         f"with it (`python train/run.py {' '.join(args.argv)}`): exact W2 of each cell's {n} samples "
+                         "(h<w>: the learned score of the joint run with T width w; analytic: the exact score).\n\n"
+                         + "\n".join(R.cells_lines(per_cell, ".4f")) + "\n")
     log(f"wrote {doc}")
 
 
