@@ -35,9 +35,10 @@ checkpoint:
 
 writes kwon_bound.csv, kwon_run.json (the options it ran with), kwon_w2_vs_j.png and kwon_bound.png into
 --out, the table to --doc and the two figures to --figures (when given). `--render DIR` remakes the table
-and figures from DIR's own record (kwon_run.json, the CSV, the floors), never from the flags given. `--small` is the seconds-long version the test suite runs. The two
-configurations are train/experiments/kwon_setups.py, the table and figures kwon_report.py; training
-runs through the engine's loop (train.engine.loop).
+and figures from DIR's own record (kwon_run.json, the CSV, the floors), never from the flags given.
+`--small` is the seconds-long version the test suite runs. The two configurations are
+train/experiments/kwon_setups.py, the table and figures kwon_report.py; training runs through the
+engine's loop (train.engine.loop).
 """
 from __future__ import annotations
 

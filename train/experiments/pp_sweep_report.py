@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,14 +157,19 @@ def em_curve(configs, value, fig_n) -> dict:
 
 def analyse(out: Path, configs, runs, ref):
     fd = {}
-    boot_file = out / "bootstrap.json"  # a bootstrap of 400 samples costs ~10 s; a re-render reuses it
-    boot = json.loads(boot_file.read_text()) if boot_file.is_file() else {}
+    boot_file = out / "bootstrap.json"  # a bootstrap of 200 resamples costs ~10 s; a re-render reuses it
+    try:
+        boot = json.loads(boot_file.read_text())
+    except (OSError, ValueError):
+        boot = {}
 
     def cached(what, keys, n, seed, fn):
         k = f"{what}|{'|'.join(map(str, keys))}|{n}|{S['n_boot']}|{seed}"
         if k not in boot:
             boot[k] = fn()
-            boot_file.write_text(json.dumps(boot, indent=0))
+            tmp = boot_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(boot, indent=0))
+            os.replace(tmp, boot_file)
         return boot[k]
 
     def value(key, n):
@@ -328,5 +334,6 @@ def write_report(args, configs, cells, runs, timing, log) -> None:
     log(f"wrote {doc} and the figure: {sum(not r.get('missing') for r in rows)} of {len(rows)} configurations drawn")
 
 
-__all__ = ["GRID", "TWEEDIE_STEPS", "PROJ", "LABEL", "S", "HAND_MARK", "rewrite_doc", "cells_lines", "cell_name", "cell_file", "load_features", "paper_dp",
+__all__ = ["GRID", "TWEEDIE_STEPS", "PROJ", "LABEL", "S", "HAND_MARK", "rewrite_doc", "cells_lines", "cell_name",
+           "cell_file", "load_features", "paper_dp",
            "config_rows", "em_curve", "sweep_lines", "plot", "write_report"]

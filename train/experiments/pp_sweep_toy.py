@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default=None, help="subset of N, e.g. 20,40")
     p.add_argument("--delta-p", default=None, help="subset of the grid's delta_p values, e.g. 3,10")
     p.add_argument("--proj", default=None, help="subset of projections: pp,tweedie,tweedie_free")
+    p.add_argument("--timing", type=Path, default=None, help="use this timing.json (e.g. docs/pp_sweep_toy_timing.json) "
+                   "instead of measuring: re-deriving cells of a table needs the wall-time comparators it used")
     p.add_argument("--jobs", type=pos_int, default=2, help="worker processes (one thread each)")
     p.add_argument("--small", action="store_true", help="seconds-long smoke version (the tests run it): the "
                    "--quick gmm config, 200 samples per cell, 2 timing rounds of 2 steps")
@@ -220,6 +222,11 @@ def run(args) -> int:
     args.proj = [p for p in (args.proj or PROJ) if available(p)]
     keys = ["em", "heun"] + [p for p in args.proj if p != "pp"] + \
         ([f"pp:{rel(w)}" for w in args.widths] if "pp" in args.proj else [])
+    if args.timing is not None and not (out / "timing.json").is_file():
+        try:
+            (out / "timing.json").write_text(args.timing.read_text())
+        except OSError as e:
+            raise UsageError(f"--timing {args.timing}: {e.strerror}") from None
     timing = Cost.timing_for(out / "timing.json", keys, timing_session(out, args.seeds[0], args.widths[0], n, log))
     configs, cells = plan_toy(args, timing, F)
     todo = [(k, v) for k, v in cells.items() if not (out / "cells" / f"s{k[0]}-{k[1]}" / f"{k[2]}.json").is_file()]
@@ -263,7 +270,8 @@ def write_toy_report(args, configs, cells, floors, F, timing, log) -> None:
         for d in [out] + ([args.figures] if args.figures else []):
             R.plot(rows, R.em_curve(configs[score], value, n), {k: float(np.mean(v)) for k, v in heun.items()}, cost,
                    Path(d) / name, "W2 (mean over seeds)", title=f"Toy, {score} score: ")
-        L += ["", f"### {score.capitalize()} score", ""] + R.sweep_lines(rows, "W2", n, ".4f") + ["", f"![{score}](figures/{name})"]
+        L += ["", f"### {score.capitalize()} score", ""] + R.sweep_lines(rows, "W2", n, ".4f")
+        L += ["", f"![{score}](figures/{name})"]
     doc = args.doc or out / "pp_sweep_toy.md"
     cells_doc = doc.with_name(doc.stem + "_cells.md")
     per_cell = {(k[0], f"{k[1]}/{k[2]}"): (n, value(k)) for k in cells if value(k) is not None}
