@@ -78,8 +78,9 @@ def timing_lines(timing: dict, flops_of) -> list:
         kind, _, w = key.partition(":")
         per = timing["sessions"][rr["session"]]["per_step_seconds"][key]
         name = LABEL[kind] if kind != "pp" else f"PP, learned T width {w}"
+        fl = flops_of(kind, w)  # None: a T width that no run of this report has
         L.append(f"| {name} | {rr['session']} | {np.median(per):.4f} | {rr['median']:.3f} [{rr['min']:.3f}, "
-                 f"{rr['max']:.3f}] | {flops_of(kind, w):,.0f} |")
+                 f"{rr['max']:.3f}] | {'—' if fl is None else format(fl, ',.0f')} |")
     return L
 
 

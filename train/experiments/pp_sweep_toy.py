@@ -241,6 +241,7 @@ def run(args) -> int:
 
 def write_toy_report(args, configs, cells, floors, F, timing, log) -> None:
     out, n = args.out, TOY["samples"]
+    doc = args.doc or out / "pp_sweep_toy.md"
 
     def value(key, _n=None):
         f = out / "cells" / f"s{key[0]}-{key[1]}" / f"{key[2]}.json"
@@ -256,7 +257,7 @@ def write_toy_report(args, configs, cells, floors, F, timing, log) -> None:
 
     def flops_of(kind, w):
         return {"em": Fs, "heun": 2 * Fs, "tweedie": 2 * Fs, "tweedie_free": Fs}.get(kind) or \
-            Fs + F[int(round(float(w) * 128))][1]
+            Fs + flops(int(round(float(w) * 128)))[1]  # also a width timed earlier but not in --widths
 
     L += Cost.timing_lines(timing, flops_of)
     cost = Cost.cost_function({rel(w): F[w] for w in args.widths}, timing)
@@ -266,13 +267,12 @@ def write_toy_report(args, configs, cells, floors, F, timing, log) -> None:
         for key, (seed, w, sc, kind, steps, dp) in cells.items():
             if kind == "heun" and sc == score and value(key) is not None:
                 heun.setdefault(steps, []).append(value(key))
-        name = f"pp_sweep_toy_{score}.png"
+        name = f"{doc.stem}_{score}.png"  # pp_sweep_toy_learned.png for the default page
         for d in [out] + ([args.figures] if args.figures else []):
             R.plot(rows, R.em_curve(configs[score], value, n), {k: float(np.mean(v)) for k, v in heun.items()}, cost,
                    Path(d) / name, "W2 (mean over seeds)", title=f"Toy, {score} score: ")
         L += ["", f"### {score.capitalize()} score", ""] + R.sweep_lines(rows, "W2", n, ".4f")
         L += ["", f"![{score}](figures/{name})"]
-    doc = args.doc or out / "pp_sweep_toy.md"
     cells_doc = doc.with_name(doc.stem + "_cells.md")
     per_cell = {(k[0], f"{k[1]}/{k[2]}"): (n, value(k)) for k in cells if value(k) is not None}
     L += ["", f"Every cell's W2 by training seed (score net / cell): [{cells_doc.name}]({cells_doc.name})."]
