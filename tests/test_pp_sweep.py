@@ -107,6 +107,9 @@ def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path, capsys):
     doc = (tmp_path / "out" / "pp_sweep.md").read_text()
     assert "| learned, width 1 | 20 | 1 | 0.027–0.06 |" in doc and "| learned, width 0.5 | 20 | 1 |" in doc
     assert "| Tweedie T (ours, +1 score call) | 20 | 1 |" in doc and "Table 1 over 1 training seeds" in doc
+    # each seed's paired bootstrap sd (sampling noise) of the same-N and equal-FLOPs differences, cached
+    assert "### Where the sweep's noise comes from" in doc and "| learned, width 1 | 20 | 1 | nan / " in doc
+    assert sum(k.startswith("pair|") for k in json.loads((tmp_path / "out" / "bootstrap.json").read_text())) >= 4
     assert (tmp_path / "out" / "pp_sweep.png").stat().st_size > 10_000
     full = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
     # the score net does not depend on T's width: both runs of seed 0 share their EM cells
@@ -136,8 +139,8 @@ def test_the_generated_section_is_replaced_and_the_rest_kept(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Plan\n\nthe grid\n\n## Results\n\nnew numbers\n") and "old numbers" not in text
     assert text.endswith(R.HAND_MARK + "\n## Reading\n\nby hand\n")
-    lines = R.cells_lines({(0, "em_20"): (200, 1.0), (1, "em_20"): (200, 2.5), (1, "pp_w1_20_dp1"): (200, 3.0)}, ".2f")
-    assert lines[2:] == ["| em_20 | 200 | 1.00 | 2.50 |", "| pp_w1_20_dp1 | 200 | — | 3.00 |"]
+    lines = R.cells_lines({(0, "em_20", 200): 1.0, (1, "em_20", 200): 2.5, (1, "pp_w1_20_dp1", 200): 3.0}, ".2f")
+    assert lines[2:] == ["| em_20 | 0 | 200 | 1.00 |", "| em_20 | 1 | 200 | 2.50 |", "| pp_w1_20_dp1 | 1 | 200 | 3.00 |"]
 
 
 @pytest.mark.slow
@@ -151,7 +154,7 @@ def test_small_toy_sweep_end_to_end(tmp_path, capsys):
     doc = (tmp_path / "toy" / "pp_sweep_toy.md").read_text()
     assert "### Learned score" in doc and "### Analytic score" in doc and "| learned, width 0.25 | 20 | 1 |" in doc
     cells = (tmp_path / "toy" / "pp_sweep_toy_cells.md").read_text()
-    assert "| h32/pp_w0.25_20_dp1 | 200 |" in cells and "| analytic/em_20 | 200 |" in cells
+    assert "| h32/pp_w0.25_20_dp1 | 0 | 200 |" in cells and "| analytic/em_20 | 0 | 200 |" in cells
     assert sorted(p.name for p in (tmp_path / "toy" / "runs" / "s0-h32").iterdir()) == ["analytic", "joint"]
     # drawn afresh in another folder from the same runs and timing: the same cells, value for value
     shutil.copytree(tmp_path / "toy" / "runs", tmp_path / "again" / "runs")

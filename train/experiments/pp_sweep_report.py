@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ TWEEDIE_STEPS = (20, 40)
 S = {"samples": 200, "table1_samples": 400, "fig_n": 200, "batch": 200, "n_boot": 200, "timing_steps": 10,
      "timing_rounds": 7}
 DOC_MARK = "## Results"
+#: the comparisons whose per-seed paired bootstrap sd (the sampling noise of d_s) is computed: the projection's
+#: own effect and the main cost measure (~3 s per seed and comparison on one thread)
+BOOT_COMPARISONS = ("same_n", "flops")
 #: the reading of the results, written by hand below the generated section; re-generating keeps it
 HAND_MARK = "<!-- written by hand from here on: the generator keeps it -->"
 
@@ -76,14 +80,11 @@ def rewrite_doc(doc: Path, generated: str, title: str) -> None:
 
 
 def cells_lines(values: dict, f: str) -> list:
-    """Every drawn cell's value by training seed ({(seed, name): (n, value)}), for re-deriving cells."""
-    names = sorted({k[1] for k in values})
-    seeds = sorted({k[0] for k in values})
-    L = ["| cell | n | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---:|" + "---:|" * len(seeds)]
-    for name in names:
-        ns = {values[(s, name)][0] for s in seeds if (s, name) in values}
-        L.append(f"| {name} | {'/'.join(str(n) for n in sorted(ns))} | " + " | ".join(
-            format(values[(s, name)][1], f) if (s, name) in values else "—" for s in seeds) + " |")
+    """Every drawn cell's value, one row per (cell, training seed, sample count) ({(seed, name, n): value}),
+    so that the rows of a subset's file are rows of the full one."""
+    L = ["| cell | training seed | n | value |", "|---|---:|---:|---:|"]
+    for seed, name, n in sorted(values, key=lambda k: (k[1], k[0], k[2])):
+        L.append(f"| {name} | {seed} | {n} | {format(values[(seed, name, n)], f)} |")
     return L
 
 
@@ -138,7 +139,7 @@ def config_rows(configs, value, fig_n, boot_sd=None) -> list:
             d = [a - b for a, b in zip(vals, other)]
             mean, lo, hi = t_interval(d)
             row[m] = {"diff": mean, "lo": lo, "hi": hi, "per_seed": d, "verdict": verdict(lo, hi)}
-            if boot_sd is not None:
+            if boot_sd is not None and m in BOOT_COMPARISONS:
                 row[m]["boot_sd"] = [boot_sd(c["cell"], c["comp"][m], c["n"], c["seed"]) for c in cs]
         rows.append(row)
     return rows
@@ -155,7 +156,15 @@ def em_curve(configs, value, fig_n) -> dict:
     return {k: v for k, v in curves.items() if {s for s, _ in v} == seeds}
 
 
-def analyse(out: Path, configs, runs, ref):
+def _paired_bootstrap(out: str, a, b, n: int, ref, n_boot: int) -> list:
+    """[FD(a) - FD(b), its paired bootstrap sd] of two cached cells (a worker process's job)."""
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+    return list(paired_difference(load_features(Path(out), a, n), load_features(Path(out), b, n), ref, n_boot, a[0]))
+
+
+def analyse(out: Path, configs, runs, ref, jobs: int = 1):
     fd = {}
     boot_file = out / "bootstrap.json"  # a bootstrap of 200 resamples costs ~10 s; a re-render reuses it
     try:
@@ -178,7 +187,23 @@ def analyse(out: Path, configs, runs, ref):
             fd[(key, n)] = None if f is None else frechet_distance(*Stats(f.shape[1]).add(f).mu_sigma(), *ref)
         return fd[(key, n)]
 
-    rows = config_rows(configs, value, S["fig_n"])  # the sampling/training split is Table 1's (time)
+    def pair_key(a, b, n):
+        return f"pair|{a[1]}|{a[2]}|{b[2]}|{n}|{S['n_boot']}|{a[0]}"
+
+    todo = {}
+    for c in configs:
+        for m in BOOT_COMPARISONS:
+            a, b = c["cell"], c["comp"][m]
+            if pair_key(a, b, c["n"]) not in boot and value(a, c["n"]) is not None and value(b, c["n"]) is not None:
+                todo[pair_key(a, b, c["n"])] = (str(out), a, b, c["n"], ref, S["n_boot"])
+    if todo:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            for k, res in zip(todo, ex.map(_paired_bootstrap, *zip(*todo.values()))):
+                boot[k] = res
+        tmp = boot_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(boot, indent=0))
+        os.replace(tmp, boot_file)
+    rows = config_rows(configs, value, S["fig_n"], lambda a, b, n, seed: boot.get(pair_key(a, b, n), [0, math.nan])[1])
     # Table 1 over the width-1 runs, with the variance split
     table1, w1 = [], [r for r in runs if r.width == "1"]
     for N in GRID:
@@ -238,6 +263,26 @@ def sweep_lines(rows, metric: str, n: int, f: str = ".2f") -> list:
     return L
 
 
+def noise_lines(rows) -> list:
+    """Per configuration: the spread of d_s over the seeds (total), its sampling part (the mean over seeds of
+    the paired bootstrap variance) and the rest, attributed to training (floored at 0)."""
+    L = [f"The spread over training seeds of each paired difference d_s (sd, digits-FD), split as in Table 1 into "
+         f"sampling (the paired bootstrap sd of one seed's d_s, {S['n_boot']} resamples, root mean square over the "
+         "seeds) and training (√(total² − sampling²), 0 when negative).", "",
+         "| T | N | δp | vs EM at N: total / sampling / training | vs EM at equal FLOPs: total / sampling / training |",
+         "|---|---:|---:|---|---|"]
+    for r in rows:
+        if r.get("missing") or any(m not in r or "boot_sd" not in r[m] for m in BOOT_COMPARISONS):
+            continue
+        cols = []
+        for m in BOOT_COMPARISONS:
+            sp = spread(r[m]["per_seed"], r[m]["boot_sd"])
+            cols.append(f"{sp['sd_total']:.2f} / {sp['sd_sampling']:.2f} / {sp['sd_training']:.2f}")
+        T = f"learned, width {r['width']}" if r["proj"] == "pp" else LABEL[r["proj"]]
+        L.append(f"| {T} | {r['N']} | {r['dp']:g} | {cols[0]} | {cols[1]} |")
+    return L
+
+
 def markdown(args, rows, table1, runs, timing) -> str:
     fl = {r.width: r.flops for r in runs}
     Fs = next(iter(fl.values()))[0]
@@ -267,6 +312,7 @@ def markdown(args, rows, table1, runs, timing) -> str:
                          f"{s['sd_sampling']:.2f} | {s['sd_training']:.2f} |")
     L += ["", "### The sweep: paired differences, mean over seeds [95% t-interval]", ""]
     L += sweep_lines(rows, "digits-FD", S["samples"])
+    L += ["", "### Where the sweep's noise comes from", ""] + noise_lines(rows)
     return "\n".join(L + ["", "![quality against cost](figures/pp_sweep.png)", ""]) + "\n"
 
 
@@ -314,14 +360,14 @@ def write_report(args, configs, cells, runs, timing, log) -> None:
     net, _ = get_classifier(args.out / ".cache", resolution=16, epochs=12)
     feats = DigitsFeatures(net)
     ref = Stats(feats.dims).add(feats(load_digits_tensor(16)[0])).mu_sigma()
-    rows, table1, curves, value = analyse(args.out, configs, runs, ref)
+    rows, table1, curves, value = analyse(args.out, configs, runs, ref, args.jobs)
     heun = {}
     for key, (_, kind, steps, _, _, _) in cells.items():
         if kind == "heun" and value(key, S["fig_n"]) is not None:
             heun.setdefault(steps, []).append(value(key, S["fig_n"]))
     heun = {N: float(np.mean(v)) for N, v in heun.items()}
     doc = args.doc or args.out / "pp_sweep.md"
-    per_cell = {(k[0], f"{k[2]} (n = {n})"): (n, value(k, n)) for k, v in cells.items()
+    per_cell = {(k[0], k[2], n): value(k, n) for k, v in cells.items()
                 for n in sorted({S["samples"], v[3]}) if n <= v[3] and value(k, n) is not None}
     cells_doc = doc.with_name(doc.stem + "_cells.md")
     rewrite_doc(doc, markdown(args, rows, table1, runs, timing) + f"\nEvery cell's digits-FD by training seed: "

@@ -274,7 +274,7 @@ def write_toy_report(args, configs, cells, floors, F, timing, log) -> None:
         L += ["", f"### {score.capitalize()} score", ""] + R.sweep_lines(rows, "W2", n, ".4f")
         L += ["", f"![{score}](figures/{name})"]
     cells_doc = doc.with_name(doc.stem + "_cells.md")
-    per_cell = {(k[0], f"{k[1]}/{k[2]}"): (n, value(k)) for k in cells if value(k) is not None}
+    per_cell = {(k[0], f"{k[1]}/{k[2]}", n): value(k) for k in cells if value(k) is not None}
     L += ["", f"Every cell's W2 by training seed (score net / cell): [{cells_doc.name}]({cells_doc.name})."]
     R.rewrite_doc(doc, "\n".join(L), "# Predict-Project sweep on the 2-D toy (issue 20; pre-registered in pp_sweep.md)")
     cells_doc.write_text(f"# The cells of the toy sweep in [{doc.name}]({doc.name}), by training seed\n\nGenerated "
