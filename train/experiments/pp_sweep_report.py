@@ -342,7 +342,7 @@ def plot(rows, curves, heun, cost, path: Path, ylabel: str, title: str = ""):
                        alpha=0.8, edgecolors="k" if r["fig"] > top else "none", label=None if key in seen else (
                            f"PP, learned T width {r['width']}" if r["proj"] == "pp" else LABEL[r["proj"]]))
             seen.add(key)
-        ax.set(xscale="log", yscale="log", xlabel=xl, ylabel=ylabel + f" (outlined: > {top:.3g}, drawn at it)")
+        ax.set(xscale="log", yscale="log", xlabel=xl, ylabel=ylabel + f"\n(outlined: above {top:.3g}, drawn at the top)")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{title}Predict-Project against EM at equal cost (○ N=20, □ N=40, △ N=100; larger marker = "
