@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from train.experiments import pp_sweep_cost as Cost
+from train.experiments import pp_sweep_doc as D
 from train.experiments import pp_sweep_report as R
 
 from cli_support import cli, one_line_error
@@ -132,14 +133,14 @@ def test_small_sweep_end_to_end_and_a_subset_rederives_it(tmp_path, capsys):
 
 def test_the_generated_section_is_replaced_and_the_rest_kept(tmp_path):
     doc = tmp_path / "page.md"
-    R.rewrite_doc(doc, "## Results\n\nfirst\n", "# Title")
+    D.rewrite_doc(doc, "## Results\n\nfirst\n", "# Title")
     assert doc.read_text() == "# Title\n\n## Results\n\nfirst\n"
-    doc.write_text("# Plan\n\nthe grid\n\n## Results\n\nold numbers\n\n" + R.HAND_MARK + "\n## Reading\n\nby hand\n")
-    R.rewrite_doc(doc, "## Results\n\nnew numbers\n", "# Title")
+    doc.write_text("# Plan\n\nthe grid\n\n## Results\n\nold numbers\n\n" + D.HAND_MARK + "\n## Reading\n\nby hand\n")
+    D.rewrite_doc(doc, "## Results\n\nnew numbers\n", "# Title")
     text = doc.read_text()
     assert text.startswith("# Plan\n\nthe grid\n\n## Results\n\nnew numbers\n") and "old numbers" not in text
-    assert text.endswith(R.HAND_MARK + "\n## Reading\n\nby hand\n")
-    lines = R.cells_lines({(0, "em_20", 200): 1.0, (1, "em_20", 200): 2.5, (1, "pp_w1_20_dp1", 200): 3.0}, ".2f")
+    assert text.endswith(D.HAND_MARK + "\n## Reading\n\nby hand\n")
+    lines = D.cells_lines({(0, "em_20", 200): 1.0, (1, "em_20", 200): 2.5, (1, "pp_w1_20_dp1", 200): 3.0}, ".2f")
     assert lines[2:] == ["| em_20 | 0 | 200 | 1.00 |", "| em_20 | 1 | 200 | 2.50 |", "| pp_w1_20_dp1 | 1 | 200 | 3.00 |"]
 
 

@@ -6,7 +6,7 @@
     diffusers-digits  a diffusers UNet2DModel trained on the digits with our DSM loss (diffusers_digits.py)
     compare-projections  T trained alone (--score-from) against T trained jointly, paired (compare_projections.py)
     pp-sweep      issue 20's pre-registered sweep: does Predict-Project pay at equal compute? (pp_sweep.py,
-                  pp_sweep_report.py)
+                  pp_sweep_cost.py, pp_sweep_report.py, pp_sweep_doc.py)
     pp-sweep-toy  the same sweep on the 2-D toy, learned and analytic score (pp_sweep_toy.py)
 
 Each module has `add_arguments(parser)` and `run(args) -> exit code`; a new study adds one line here.
