@@ -24,11 +24,19 @@ COLUMNS = [
     ("÷ hand (CPU)", ("ratio_vs_hand_cpu",), lambda v: _fmt_ratio(v)),
     ("÷ diffusers (wall)", ("ratio_vs_diffusers_wall",), lambda v: _fmt_ratio(v)),
     ("÷ k-diffusion (wall)", ("ratio_vs_k-diffusion_wall",), lambda v: _fmt_ratio(v)),
+    # bench/test_bench_cpu_steps.py: median paired speed-up of the C++ backend [90 % interval]
+    ("× hand (CPU)", ("speedup_vs_hand_cpu",), lambda v: _fmt_ratio(v)),
+    ("× hand (wall)", ("speedup_vs_hand_wall",), lambda v: _fmt_ratio(v)),
+    ("× torch backend (CPU)", ("speedup_vs_torch_cpu",), lambda v: _fmt_ratio(v)),
+    ("2 threads ÷ 1 (wall)", ("speedup_2_threads_wall",), lambda v: _fmt_ratio(v)),
+    ("--fused ÷ --quick time (wall)", ("fused_time_over_quick_wall",), lambda v: _fmt_ratio(v)),
+    ("eval time torch ÷ cpp", ("eval_speedup_cpp_vs_torch",), lambda v: f"{v:.2f}"),
 ]
 
 
 def _fmt_ratio(v: dict) -> str:
-    return f"{v['median']:.2f} [{v['q25']:.2f}, {v['q75']:.2f}]"
+    lo, hi = (v["q25"], v["q75"]) if "q25" in v else (v["lo90"], v["hi90"])
+    return f"{v['median']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def _fmt_time(s: float) -> str:

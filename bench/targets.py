@@ -244,18 +244,23 @@ def _targets() -> list[Target]:
               for u in STEP_UPDATES for dt in ("fp32", "bf16")]
     t.append(Target("3", "fused steps no slower than torch.compile (B=256; compile rows: opt-in --compile phase)",
                     min_speedup_over(cpairs, "gb_s", 1.0, "torch.compile B256 (opt-in --compile)")))
-    # issue 16: the C++ CPU steps; issue 17: the torch path against a hand loop (CPU, one thread)
-    for shape in ("64x3x32x32-N100", "256x3x64x64-N20"):
-        for s in ("em", "predict_project"):
-            t.append(Target("16", f"C++ steps, {s}, {shape}, 1 thread: >= 2x the hand loop",
-                            cpu_ratio([f"test_cpu_steps[{s}-cpp-{shape}-t1]"], at_least=2.0, key="speedup")))
-        for s in ("pf_ode", "heun"):
-            t.append(Target("16", f"C++ steps, {s}, {shape}, 1 thread: >= 1.5x the hand loop",
-                            cpu_ratio([f"test_cpu_steps[{s}-cpp-{shape}-t1]"], at_least=1.5, key="speedup")))
-    t.append(Target("16", "C++ steps, 2 threads against 1: >= 1.6x",
-                    cpu_ratio(["test_cpu_steps_threads[em-cpp-256x3x64x64-N20]"], at_least=1.6, key="speedup")))
-    t.append(Target("16", "C++ steps, per-step host overhead at 64x2: no worse than the torch path",
-                    cpu_ratio(["test_cpu_steps_overhead[em-64x2-N1000]"], at_most=1.0, key="ratio")))
+    # issue 16: bench/test_bench_cpu_steps.py, the C++ steps in whole sample() calls against a hand loop of the
+    # same arithmetic, interleaved in one run (the median paired CPU-time speedup, one thread)
+    cpp_rows = "test_sampler_vs_hand_loop[{}-{}-{}thread]"
+    for shape in ("64x3x32x32", "256x3x64x64"):
+        for s, need in (("euler_maruyama", 2.0), ("predict_project", 2.0), ("pf_ode", 1.5), ("heun_ode", 1.5)):
+            t.append(Target("16", f"C++ steps, {s}, {shape}, 1 thread: >= {need}x the hand loop",
+                            cpu_ratio([cpp_rows.format(s, shape, 1)], at_least=need, key="speedup_vs_hand_cpu.median")))
+            t.append(Target("16", f"C++ steps, {s}, {shape}, 2 threads: >= {need}x the hand loop (wall)",
+                            cpu_ratio([cpp_rows.format(s, shape, 2)], at_least=need,
+                                      key="speedup_vs_hand_wall.median")))
+    for shape in ("64x3x32x32", "256x3x64x64"):
+        t.append(Target("16", f"C++ EM step, {shape}, 2 threads against 1: >= 1.6x",
+                        cpu_ratio([f"test_two_threads_vs_one[{shape}]"], at_least=1.6,
+                                  key="speedup_2_threads_wall.median")))
+    for s in ("euler_maruyama", "pf_ode", "heun_ode"):
+        t.append(Target("16", f"C++ steps, {s}, per-step host overhead at 64x2: no worse than the torch path",
+                        cpu_ratio([f"test_host_overhead_64x2[{s}]"], at_least=1.0, key="speedup_vs_torch_cpu.median")))
     # bench/test_bench_loop.py: one row per (sampler, shape), the median paired wall-time ratio of
     # sample() to the hand loop and to each library's loop, interleaved in one run
     loop = "test_loop_against_hand_diffusers_kdiffusion[{}-{}]"

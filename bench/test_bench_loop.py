@@ -25,9 +25,10 @@ import time
 import pytest
 import torch
 
-from wgfcore import ops
 from wgfcore.sample import sample
 from wgfcore.sde import VPSDE
+
+from hand_loop import hand_loop
 
 SDE = VPSDE()
 ROUNDS = int(os.environ.get("WGF_BENCH_ROUNDS", "3"))  # CI: 3 rounds keep the file near a minute; record with 9
@@ -38,6 +39,7 @@ SAMPLERS = {  # name -> sample() arguments
     "heun": dict(sampler="heun_ode"),
     "pp": dict(sampler="predict_project", delta_p=1.0),
 }
+HAND = {"em": "euler_maruyama", "pf_ode": "pf_ode", "heun": "heun_ode", "pp": "predict_project"}
 
 
 def score(x, t):
@@ -49,39 +51,6 @@ def proj(x, t):  # a cheap stand-in for the projection network T
 
 
 # --- the baselines ------------------------------------------------------------------------------
-
-def hand_loop(kind: str, shape, N: int):
-    """The loop a user writes: python-float coefficients and per-step t made before the timing."""
-    ts = ops.time_grid(N)
-    t = list(ts.float()[:, None].expand(-1, shape[0]).unbind(0))
-    if kind == "heun":
-        h, b0, b1 = ts[:-1] - ts[1:], SDE.beta(ts[:-1]), SDE.beta(ts[1:])
-        hb, hb0, hb1 = (h * b0).tolist(), (0.5 * h * b0).tolist(), (0.5 * h * b1).tolist()
-    else:
-        C = ops.reverse_coefficients(SDE, ts, 0.0 if kind == "pf_ode" else 1.0)
-        cx, cs, cz = C["c_x"].tolist(), C["c_s"].tolist(), C["c_z"].tolist()
-        cT = ops.project_coefficients(SDE, ts, 1.0).tolist()
-
-    def run(seed=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        for i in range(N):
-            s = score(x, t[i])
-            if kind == "heun":  # u = x + s reused: 8 tensor ops per step
-                u = x + s
-                x_p = x + hb[i] * u
-                x = x + hb0[i] * u + hb1[i] * (x_p + score(x_p, t[i + 1]))
-                continue
-            x_next = cx[i] * x + cs[i] * s
-            if kind == "pp":
-                x_next = x_next + cT[i] * proj(x_next, t[i + 1])
-            if kind != "pf_ode" and i < N - 1:
-                x_next = x_next + cz[i] * torch.randn(shape, generator=g)
-            x = x_next
-        return x
-
-    return run
-
 
 def diffusers_loop(kind: str, shape, N: int):
     """diffusers' loop for the same sampler: ScoreSdeVpScheduler (the VP-SDE Euler-Maruyama),
@@ -172,7 +141,7 @@ def test_loop_against_hand_diffusers_kdiffusion(benchmark, shape_name, kind):
         def wgf():
             return sample(score, shape, N, seed=0, backend="torch", **kw)
 
-        impls = {"wgfcore": wgf, "hand": hand_loop(kind, shape, N)}
+        impls = {"wgfcore": wgf, "hand": hand_loop(HAND[kind], shape, N, score, proj, delta_p=1.0)}
         skipped = {}
         for name, make in (("diffusers", diffusers_loop), ("k-diffusion", kdiffusion_loop)):
             if kind == "pp":

@@ -25,6 +25,8 @@ from wgfcore.metrics import gaussian_fit, w2_gaussian
 from wgfcore.sample import TorchSteps, make_steps, sample
 from wgfcore.scores import gaussian
 
+from step_backend_checks import check_finite_flag
+
 DEVICE = "cpu" if kernels.INTERPRETED else "cuda"
 needs_gpu = pytest.mark.skipif(kernels.INTERPRETED, reason="the Triton interpreter has no bfloat16")
 cuda_only = pytest.mark.skipif(kernels.INTERPRETED, reason="needs CUDA: 2^24 draws are minutes in the interpreter")
@@ -378,25 +380,7 @@ def test_plan_kernels_flag_nonfinite_network_outputs(bad):
     """The table kernel checks the network output it reads (s, T, s') into finite_flag: the first bad step."""
     from wgfcore.sample import FLAG_CLEAR
     assert ks.FLAG_CLEAR == FLAG_CLEAR
-    x = torch.randn(3, 5000, device=DEVICE)  # two groups: the bad element sits in the second program
-    s_bad = x.clone()
-    s_bad[2, 4000] = bad
-    tables = {"predict": torch.ones(9, 2, device=DEVICE), "em": torch.ones(9, 3, device=DEVICE),
-              "project": torch.ones(9, 2, device=DEVICE), "heun": torch.ones(9, 4, device=DEVICE)}
-    plan = ks.TritonSteps(1).plan(x, tables)
-    plan.em(x, x, "em", 2, True)
-    plan.heun(x, s_bad, x, x, "heun", 3)  # heun checks s' (its s went through predict first)
-    assert int(plan.finite_flag) == FLAG_CLEAR
-    plan.project(x, s_bad, "project", 5, False)
-    plan.predict(x, s_bad, "predict", 7)  # a later bad step does not overwrite the first
-    assert int(plan.finite_flag) == 5
-    plan.finite_flag.fill_(FLAG_CLEAR)
-    plan.heun(x, x, x, s_bad, "heun", 4)
-    plan.em(s_bad, x, "em", 1, True)  # the state is not a network output: not checked
-    assert int(plan.finite_flag) == 4
-    plan.finite_flag.fill_(FLAG_CLEAR)
-    plan.em(x, s_bad, "em", 6, False)
-    assert int(plan.finite_flag) == 6
+    check_finite_flag(ks.TritonSteps(1), bad, device=DEVICE)
 
 
 # --- compilations: one per kernel variant, never one per step or seed ---------------------------

@@ -81,12 +81,18 @@ def test_a_new_backend_is_one_registration(monkeypatch):
         built.append(device)
         return Recording(generator)
 
-    Bk.register_backend("recording", build, keyed=False, auto={"cpu": 5})
+    monkeypatch.setattr(Bk, "_passed_over", set())
+    Bk.register_backend("recording", build, keyed=False, auto={"cpu": 50})  # above every built-in one
     a = sample(neg, (4, 2), 5, sampler="euler_maruyama", seed=1)  # "auto" now picks it on CPU
     assert built == [torch.device("cpu")]
     assert torch.equal(a, sample(neg, (4, 2), 5, sampler="euler_maruyama", seed=1, backend="torch"))
-    Bk.register_backend("nowhere", build, keyed=False, unavailable=lambda d: "it runs nowhere", auto={"cpu": 9})
-    assert Bk.resolve_backend("auto", "cpu") == "recording"  # the unavailable one is passed over
+    Bk.register_backend("nowhere", build, keyed=False, unavailable=lambda d: "it runs nowhere", auto={"cpu": 90})
+    with pytest.warns(UserWarning, match="'auto' uses 'recording' on cpu: 'nowhere' is not available "
+                                         r"\(it runs nowhere\)"):
+        assert Bk.resolve_backend("auto", "cpu") == "recording"  # the unavailable one is passed over
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process, not once per call
+        assert Bk.resolve_backend("auto", "cpu") == "recording"
     with pytest.raises(ImportError, match="backend='nowhere' cannot run on cpu: it runs nowhere"):
         sample(neg, (4, 2), 5, sampler="euler_maruyama", backend="nowhere")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
@@ -178,8 +184,8 @@ def test_guard_says_when_the_rerun_does_not_reproduce():
         calls[0] += 1
         return torch.full_like(x, float("nan")) if calls[0] == 3 else -x
 
-    with pytest.raises(FloatingPointError, match="not deterministic"):
-        sample(flaky, (4, 2), 5, sampler="euler_maruyama", seed=0)
+    with pytest.raises(FloatingPointError, match="not deterministic"):  # the torch path's re-run (no flag)
+        sample(flaky, (4, 2), 5, sampler="euler_maruyama", seed=0, backend="torch")
 
 
 def test_guard_reports_the_first_bad_step_with_noise_and_a_given_generator():
@@ -188,7 +194,9 @@ def test_guard_reports_the_first_bad_step_with_noise_and_a_given_generator():
 
     g = torch.Generator().manual_seed(9)
     with pytest.raises(FloatingPointError, match=r"score_fn produced NaN or inf at step 4 \(t = 0.6926\)"):
-        sample(score, (4, 2), 13, sampler="euler_maruyama", generator=g)
+        sample(score, (4, 2), 13, sampler="euler_maruyama", generator=g, backend="torch")  # its re-run
+    with pytest.raises(FloatingPointError, match=r"(score_fn|a network) produced NaN or inf at step 4 \(t = 0.6926\)"):
+        sample(score, (4, 2), 13, sampler="euler_maruyama", generator=g)  # auto: the cpp backend's flag, if built
 
 
 # --- the Tweedie projection at no extra cost (issue 20 item 4; ours) -------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_support import cli
 from train.data.datasets import CelebA, LSUNChurch, SVHN, load_digits_tensor, make_dataset
 from train.engine.errors import DatasetError
 
@@ -224,19 +225,9 @@ def _tiny_cfg(tmp_path):
     return str(p)
 
 
-def _cli(argv, capsys):
-    from train.run import main
-
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def test_celeba_empty_file_mid_folder_named_at_start(tmp_path, capsys):
     d = _celeba(tmp_path, bad=5, bad_bytes=b"")
-    code, err = _cli(["--quick", "--dataset", "celeba", "--data-root", tmp_path, "--out", tmp_path / "r",
+    code, err = cli(["--quick", "--dataset", "celeba", "--data-root", tmp_path, "--out", tmp_path / "r",
                       "--no-eval"], capsys)
     assert code == 2 and f"CelebA image {d / '000005.jpg'} is empty" in err and len(err.strip().splitlines()) == 1
 
@@ -247,10 +238,10 @@ def test_celeba_corrupt_image_mid_folder_is_one_line(tmp_path, capsys):
     d = _celeba(tmp_path, bad=5)
     base = ["--quick", "--dataset", "celeba", "--data-root", tmp_path, "--config", _tiny_cfg(tmp_path), "--no-eval",
             "--no-progress", "--batch-size", "8", "--iterations", "2", "--num-workers", "2", "--threads", "1"]
-    code, err = _cli(base + ["--out", tmp_path / "r1", "--check-data"], capsys)
+    code, err = cli(base + ["--out", tmp_path / "r1", "--check-data"], capsys)
     assert code == 2 and f"cannot read CelebA image {d / '000005.jpg'}" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r1").exists()
-    code, err = _cli(base + ["--out", tmp_path / "r2"], capsys)
+    code, err = cli(base + ["--out", tmp_path / "r2"], capsys)
     lines = [line for line in err.strip().splitlines() if line.startswith("error")]
     assert code == 2 and len(lines) == 1 and f"cannot read CelebA image {d / '000005.jpg'}" in lines[0], err
     assert "Traceback" not in err and "worker" not in lines[0]
@@ -262,7 +253,7 @@ def test_lsun_trains_with_dataloader_workers(tmp_path, capsys):
     rng = np.random.default_rng(4)
     _lmdb(tmp_path / "church_outdoor_train_lmdb",
           [_jpeg_bytes(Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)), "PNG") for _ in range(8)])
-    code, err = _cli(["--quick", "--dataset", "lsun_church", "--data-root", tmp_path, "--config",
+    code, err = cli(["--quick", "--dataset", "lsun_church", "--data-root", tmp_path, "--config",
                       _tiny_cfg(tmp_path), "--out", tmp_path / "r", "--no-eval", "--no-progress", "--batch-size", "4",
                       "--iterations", "2", "--log-every", "1", "--ckpt-every", "2", "--num-workers", "2",
                       "--threads", "1", "--check-data"], capsys)

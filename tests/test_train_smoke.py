@@ -83,13 +83,28 @@ def test_run_folder_resume_and_eval(tmp_path, tiny_config):
                                                                               ("data6", 0)}
 
 
-def test_fused_path_runs(tmp_path, tiny_config):
-    pytest.importorskip("triton")
-    r = _run(["--quick", "--fused", "--config", str(tiny_config), "--out", str(tmp_path / "f"), "--iterations", "1",
-              "--eval-rows", "em,pp", "--eval-steps", "2", "--eval-samples", "4", "--eval-batch", "4",
-              "--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")], tmp_path, timeout=600)
-    if not torch.cuda.is_available():
-        assert "Triton kernels in the interpreter" in r.stderr
+@pytest.mark.parametrize("interpreter", [False, True], ids=["cpp-steps", "triton-interpreter"])
+def test_fused_path_runs(tmp_path, tiny_config, interpreter):
+    """--fused on a CPU: the C++ sampler steps with torch's attention and GroupNorm; the Triton
+    kernels (steps, attention, GroupNorm) only in their interpreter, asked for by name."""
+    if interpreter:
+        pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU meaning of --fused")
+    from wgfcore.backends import resolve_backend
+
+    try:
+        resolve_backend("cpp", "cpu")
+    except ImportError as e:
+        if not interpreter:
+            pytest.skip(str(e))
+    r = _run(["--quick", "--fused", *(["--triton-interpreter"] if interpreter else []), "--config", str(tiny_config),
+              "--out", str(tmp_path / "f"), "--iterations", "1", "--eval-rows", "em,pp", "--eval-steps", "2",
+              "--eval-samples", "4", "--eval-batch", "4", "--threads", "1", "--no-progress", "--cache-dir",
+              str(tmp_path / "cache")], tmp_path, timeout=600)
+    assert ("Triton kernels in the interpreter" in r.stderr) == interpreter
+    info = json.loads((tmp_path / "f" / "run_info.json").read_text())
+    assert info["fused"] and info["step_backend"] == ("triton" if interpreter else "cpp")
     with open(tmp_path / "f" / "results.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["sampler"] not in ("data", "difference")]
     assert {(row["row"], int(row["nfe"])) for row in rows} == {("em", 2), ("pp", 4)}

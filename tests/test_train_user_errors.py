@@ -256,3 +256,19 @@ def test_torchrun_user_error_is_printed_once(tmp_path):
                         "--config", str(bad), "--device", "cpu", "--out", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip() == ours[0], (r.returncode, r.stdout, r.stderr)
+
+
+# --- issue 16: what --fused means on a CPU ---------------------------------------------------------------
+
+def test_triton_interpreter_needs_fused(tmp_path, tiny, capsys):
+    before_training(tiny, tmp_path, capsys, "--triton-interpreter", expect=["--triton-interpreter: only with --fused"])
+
+
+def test_fused_without_a_compiler_is_one_line_before_training(tmp_path, tiny):
+    """--fused on a CPU needs the C++ step kernels: no compiler is exit 2, one line, no run folder."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--quick", "--fused", "--device", "cpu",
+                        "--config", tiny, "--out", str(tmp_path / "r"), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    one_line_error(r.returncode, r.stderr, "--fused: backend='cpp' cannot run on cpu: no C++ compiler", "no-such-c++")
+    assert not (tmp_path / "r").exists()

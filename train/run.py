@@ -42,8 +42,8 @@ from train.jobs.toy import toy_job  # noqa: E402
 
 SUBCOMMANDS = ("train", "eval", "export", *EXPERIMENTS)
 #: flags of the image jobs that mean nothing to the gmm job (and the reverse): given, they are errors
-IMAGE_ONLY = ("data_root", "preset", "fused", "num_workers", "sample_every", "eval_rows", "eval_batch",
-              "inception_weights", "check_data", "no_eval", "cache_dir", "score_from", "proj_width")
+IMAGE_ONLY = ("data_root", "preset", "fused", "triton_interpreter", "num_workers", "sample_every", "eval_rows",
+              "eval_batch", "inception_weights", "check_data", "no_eval", "cache_dir", "score_from", "proj_width")
 GMM_ONLY = ("hidden",)
 
 
@@ -109,7 +109,11 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=None,
                    help="seed of weights, data order, noise, evaluation (default: the config's, else 0)")
     p.add_argument("--fused", action="store_true",
-                   help="Triton kernels: fused sampler steps and attention (the interpreter on CPU)")
+                   help="fused kernels: on CUDA the Triton sampler steps, attention and GroupNorm; on a CPU the "
+                        "C++ sampler steps (built at first use) with torch's attention and GroupNorm")
+    p.add_argument("--triton-interpreter", action="store_true",
+                   help="with --fused on a CPU: the Triton kernels in Triton's interpreter instead (a correctness "
+                        "check, tens of times slower)")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--check-data", action="store_true",
                    help="decode every training image before training (a corrupt file is named in one line)")
@@ -163,7 +167,10 @@ def eval_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --fid: pytorch-fid .npz (mu, sigma) of the dataset, instead of computing them")
     p.add_argument("--ref-samples", type=pos_int, default=None, help="training images for the reference (50000)")
     p.add_argument("--data-root", type=path_str, help="dataset location, if it moved since training")
-    p.add_argument("--fused", action="store_true", help="Triton sampler steps and attention")
+    p.add_argument("--fused", action="store_true",
+                   help="fused kernels: Triton on CUDA, the C++ sampler steps on a CPU (see train --help)")
+    p.add_argument("--triton-interpreter", action="store_true",
+                   help="with --fused on a CPU: the Triton kernels in Triton's interpreter (a correctness check)")
     p.add_argument("--cache-dir", type=path_str, default=None, help="default: <run>/../.cache")
     p.add_argument("--quick", action="store_true",
                    help="the --quick config's small table (e.g. N = 40, 20 with 64 samples): a pipeline check, "

@@ -63,15 +63,27 @@ def draw_key(generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.randint(0, 2**32, (), generator=generator, device=device, dtype=torch.int64)
 
 
+#: (backend, device type) pairs that "auto" preferred but found unavailable, and warned about
+_passed_over: set = set()
+
+
 def resolve_backend(backend: str, device) -> str:
     """A backend name for `device`: "auto" -> the available one of highest rank there; a name is checked."""
     device = torch.device(device)
     if backend == "auto":
         ranked = sorted(((e.auto.get(device.type, e.auto.get("*")), e.name) for e in BACKENDS.values()
                          if e.auto.get(device.type, e.auto.get("*")) is not None), reverse=True)
+        passed = []
         for _, name in ranked:
-            if BACKENDS[name].unavailable(device) is None:
+            why = BACKENDS[name].unavailable(device)
+            if why is None:
+                for other, other_why in passed:  # one warning per process and backend, not one per call
+                    if (other, device.type) not in _passed_over:
+                        _passed_over.add((other, device.type))
+                        warnings.warn(f"backend='auto' uses {name!r} on {device.type}: {other!r} is not available "
+                                      f"({other_why})", stacklevel=3)
                 return name
+            passed.append((name, why))
         raise ValueError(f"no step backend is available on {device}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
@@ -118,7 +130,25 @@ def _build_triton(device: torch.device, key):
     return TritonSteps(seed=key, device=device)
 
 
+def _cpp_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "the C++ step kernels run on CPU tensors (backend='triton' is the CUDA one)"
+    try:
+        from kernels import cpu_steps  # lazy: the first call builds the extension (once per machine)
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return f"it needs the `kernels` package ({e})"
+    return cpu_steps.status()
+
+
+def _build_cpp(device: torch.device, key):
+    from kernels.cpu_steps import CppSteps
+
+    return CppSteps(key, device=device)
+
+
 register_backend("torch", lambda device, generator: TorchSteps(generator), keyed=False, auto={"*": 0})
 register_backend("triton", _build_triton, keyed=True, unavailable=_triton_unavailable, auto={"cuda": 10})
+# Faster than torch on a CPU at every bench shape (docs/cpu_steps.md), and draws Triton's noise stream.
+register_backend("cpp", _build_cpp, keyed=True, unavailable=_cpp_unavailable, auto={"cpu": 10})
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "resolve_backend", "make_steps", "draw_key", "FLAG_CLEAR"]

@@ -299,7 +299,9 @@ class Run:
             if i < FLAG_CLEAR:
                 raise FloatingPointError(f"a network produced NaN or inf at step {i} (t = {float(self.ts[i]):.4g}); "
                                          "check the score/projection network and its inputs at that time")
-        elif not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        # With finite network outputs an update can still overflow the state's dtype (fp16): every
+        # backend's final state is checked, once per run.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             # A sum is finite only if every term is (NaN and inf propagate), and it reads x once with no
             # temporary (isfinite(x).all() writes a bool tensor: 30x slower on CPU); only a sum that
             # overflowed (or a real NaN/inf) falls through to the exact check.
@@ -308,12 +310,13 @@ class Run:
 
     def _locate(self) -> str:
         """The rare path: re-run from the same prior draw and noise, checking every step."""
-        if self._rng is None:
+        if self._rng is None and self.flag is None:
             return ("the samples hold NaN or inf; the step backend cannot replay its noise, so the first bad step "
                     "is unknown")
         rerun = Run(self.spec, self.x0, self.ts, self.options, self.sde, self.denoise_last, self.B, self.score_fn,
                     check=True)
-        self.B.set_rng_state(self._rng)
+        if self._rng is not None:  # a flagged backend draws its noise from (key, step): it replays as it is
+            self.B.set_rng_state(self._rng)
         try:
             self.spec.body(rerun, self.x0)
         except _NonFinite as e:

@@ -191,8 +191,9 @@ def sample(score_fn: ScoreFn, shape, steps: int, sampler: str = "predict_project
     another sampler is an error. `delta_p=None` takes the paper's value for N (`ops.default_delta_p`).
     `seed` (any integer torch.Generator.manual_seed takes) or an explicit `generator` fixes the
     prior draw and the noise. `backend`: "auto" (the best available for the device, see
-    `wgfcore.backends`), "torch", "triton" (fused kernels; the interpreter on CPU) or another
-    registered name. `callback(info)` gets a dict per step (i, t, x, x_prev, score, denoised, ...).
+    `wgfcore.backends`: triton on CUDA, cpp on a CPU where it builds, else torch), "torch",
+    "triton" (fused kernels; the interpreter on CPU), "cpp" (fused C++ steps on a CPU, the Triton
+    kernels' noise; `kernels.cpu_steps`) or another registered name. `callback(info)` gets a dict per step (i, t, x, x_prev, score, denoised, ...).
     A NaN or inf from a network raises FloatingPointError naming the first bad step and its t.
 
     `cuda_graph=True` (CUDA only; no callback, no progress): the N-step loop, networks included, is

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from . import distributed as D
 from .config import Config
-from .errors import Diverged
-from .networks import all_finite
+from .errors import Diverged, UsageError
+from .networks import EMA, all_finite
 from .rundir import LossLog
 
 
@@ -124,4 +125,50 @@ def loop(*, model: nn.Module, opt: torch.optim.Optimizer, batches, cfg: Config, 
     return rows
 
 
-__all__ = ["loop", "lr_at", "make_optimizer", "autocast", "loss_fields"]
+def fit(*, objective: nn.Module, trained: dict[str, tuple[nn.Module, EMA]], opt: torch.optim.Optimizer, gen,
+        cfg: Config, d: D.Dist, run_dir: Path, batches_from: Callable[[int, int], object], resume: Path | None,
+        stop_at: int | None, sample: Callable[[int], None] | None, progress: bool) -> list[dict]:
+    """What a job does around `loop`, the same for every network job: restore a checkpoint (`resume`), wrap the
+    objective in DDP, open the loss log, save checkpoints in the run folder, and train to cfg.iterations (or
+    `stop_at`). `trained` = {"eps"|"proj": (network, its EMA)}: the networks that learn, under the keys the
+    checkpoint stores them by (a projection-only run has no "eps"); `batches_from(start, stop)` the data."""
+    start, last_good = 0, (0, None)
+    if resume is not None:
+        state = ckpt.load_training_state(resume)
+        if int(state["world_size"]) != d.world:
+            raise UsageError(f"{resume} was written by {state['world_size']} processes; resume it with "
+                             f"the same number (got {d.world}) so the data order and noise continue exactly")
+        for key, (net, ema) in trained.items():
+            net.load_state_dict(state[key])
+            ema.net.load_state_dict(state[f"ema_{key}"])
+        opt.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state["rng"][d.rank], {"loss_noise": gen})
+        start = int(state["step"])
+        last_good = (start, Path(resume))
+
+    model = objective
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    groups = [(key, list(net.parameters())) for key, (net, _) in trained.items()]
+    log = LossLog(run_dir / "losses.csv", loss_fields(groups), start if resume is not None else None,
+                  run_dir / "tensorboard") if d.main else None
+    stop = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
+    nets = {key: trained.get(key, (None, None)) for key in ("eps", "proj")}
+
+    def save(done):
+        snap = bool(cfg.snapshot_every) and done % cfg.snapshot_every == 0
+        (eps, ema_eps), (proj, ema_proj) = nets["eps"], nets["proj"]
+        state = ckpt.training_state(done, cfg, d, eps, proj, ema_eps and ema_eps.net, ema_proj and ema_proj.net,
+                                    opt, {"loss_noise": gen})
+        path = ckpt.save_checkpoint(state, run_dir / "checkpoints", done, keep_snapshot=snap) if d.main else None
+        D.barrier(d)
+        return path
+
+    return loop(model=model, opt=opt, batches=batches_from(start, stop), cfg=cfg, d=d, start=start, stop=stop,
+                generator=gen, clip_groups=groups, emas=[(ema, net) for net, ema in trained.values()], log=log,
+                save=save, last_good=last_good, watch=[net for net, _ in trained.values()], sample=sample,
+                progress=progress)
+
+
+__all__ = ["loop", "fit", "lr_at", "make_optimizer", "autocast", "loss_fields"]

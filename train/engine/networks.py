@@ -1,14 +1,16 @@
-"""The networks a job trains, the switches that change how they run (fused Triton path, torch.compile),
+"""The networks a job trains, the switches that change how they run (fused kernels, torch.compile),
 and the exponential moving average of their weights (ALGORITHMS §1, §3: both the score and the
 projection network are the same backbone).
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from wgfcore.backends import resolve_backend
 from wgfcore.pretrained import ScoreSource, ScoreSourceError, build_unet, load_score
 
 from .config import Config
@@ -57,6 +59,36 @@ def frozen_score(path, *, record: dict | None = None, shape: tuple | None = None
     except ScoreSourceError as e:
         raise UsageError(f"{what}: {' '.join(str(e).split())}") from None
     return score
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How a job's networks and samplers run: `nets` switches the U-Nets to the Triton kernels
+    (`use_fused`), `steps` names the samplers' step backend (wgfcore.backends)."""
+
+    nets: bool = False
+    steps: str = "auto"
+
+
+def kernels_for(fused: bool, device, interpreter: bool = False) -> Kernels:
+    """What --fused means on `device`. CUDA: the Triton attention, GroupNorm and sampler steps. CPU:
+    the C++ sampler steps (kernels/cpu_steps.py) with torch's own attention and GroupNorm; the Triton
+    kernels run on a CPU only in their interpreter, a correctness mode tens of times slower, and only
+    when asked for by name (--triton-interpreter). Raises a UsageError, before any training, when
+    the kernels asked for cannot run here."""
+    device = torch.device(device)
+    if interpreter and not fused:
+        raise UsageError("--triton-interpreter: only with --fused (it chooses how --fused runs on a CPU)")
+    if interpreter and device.type == "cuda":
+        raise UsageError("--triton-interpreter: only on a CPU (on CUDA, --fused runs the compiled Triton kernels)")
+    if not fused:
+        return Kernels()
+    k = Kernels(nets=True, steps="triton") if device.type == "cuda" or interpreter else Kernels(steps="cpp")
+    try:
+        resolve_backend(k.steps, device)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"--fused: {e}") from None
+    return k
 
 
 def use_fused(nets) -> None:
@@ -119,4 +151,5 @@ def all_finite(modules) -> torch.Tensor:
     return torch.isfinite(torch.stack(norms)).all()
 
 
-__all__ = ["build_nets", "build_projection", "frozen_score", "use_fused", "check_compile", "compiled", "EMA", "all_finite"]
+__all__ = ["build_nets", "build_projection", "frozen_score", "Kernels", "kernels_for", "use_fused", "check_compile",
+           "compiled", "EMA", "all_finite"]

@@ -122,8 +122,8 @@ def results_markdown(results, ecfg, metric: str, verdicts: bool = True) -> str:
                  f"measured.")
     diffs = [r for r in results if r["sampler"] == "difference"]
     if not verdicts:
-        note += ("\n\nNo verdicts: this run's networks are barely trained (--quick), so its differences say "
-                 "nothing about the samplers.")
+        note += ("\n\nNo verdicts: a --quick table (barely trained networks, or `eval --quick`'s few samples per "
+                 "cell) is a pipeline check, so its differences say nothing about the samplers.")
     elif diffs:
         note += "\n\n" + "\n".join(bootstrap_verdicts(diffs))
     return table_markdown(results, ecfg) + note + "\n"

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from wgfcore.backends import resolve_backend
+
 from ..data.datasets import DIGITS_INFO, check_data, make_dataset
 from ..data.order import check_batch
 from ..engine import checkpoint as ckpt
 from ..engine import config as C
 from ..engine import distributed as D
 from ..engine.errors import InceptionWeightsMissing, UsageError
-from ..engine.networks import check_compile, compiled, use_fused
+from ..engine.networks import check_compile, compiled, kernels_for, use_fused
 from ..engine.networks import build_nets
 from ..engine.rundir import (claim_existing, claim_new, make_folder, read_record, undo_new_run, update_record,
                              write_json)
@@ -57,6 +59,7 @@ def _prepare(args, d, runs_dir: Path):
             run_dir = Path(args.out) if args.out else runs_dir / name
     cfg, score = projection_setup(args, cfg, resume)  # T's --proj-width; --score-from's frozen score
     check_compile(cfg.compile)
+    kernels = kernels_for(args.fused, d.device, args.triton_interpreter)  # e.g. no C++ compiler: exit 2 now
     with torch.device("meta"):  # every network argument checked now, without allocating weights
         build_nets(cfg)
     if not args.no_eval and not cells(cfg.eval):
@@ -86,7 +89,8 @@ def _prepare(args, d, runs_dir: Path):
         write_json(cfg.data, run_dir / "config.json")
         info = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(d.device),
                 "world_size": d.world, "torch": torch.__version__, "resumed_from": str(resume) if resume else None,
-                "changed_on_resume": changed or None, "fused": args.fused, "compile": cfg.compile,
+                "changed_on_resume": changed or None, "fused": args.fused,
+                "step_backend": resolve_backend(kernels.steps, d.device), "compile": cfg.compile,
                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
         if cfg.dataset == "digits":
             info["dataset"] = DIGITS_INFO
@@ -137,8 +141,9 @@ def train_job(args, d) -> int:
 def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, dataset=None, score=None) -> int:
     set_threads(args, cfg, d)
     progress = not args.no_progress
-    if args.fused and d.device.type != "cuda" and d.main:
-        print("warning: --fused on CPU runs the Triton kernels in the interpreter (slow; a correctness "
+    kernels = kernels_for(args.fused, d.device, args.triton_interpreter)
+    if kernels.nets and d.device.type != "cuda" and d.main:
+        print("warning: --triton-interpreter runs the Triton kernels in the interpreter (slow; a correctness "
               "check, not a speed-up)", file=sys.stderr)
     if dataset is None:  # ranks > 0 (rank 0 built it while checking the input)
         dataset = make_dataset(cfg.dataset, cfg.data_root, cfg.resolution)
@@ -146,17 +151,17 @@ def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, datas
 
     t0 = time.time()
     if cfg.projection_only:  # T alone; "eps_ema" is the frozen score, an epsilon model at our VP time
-        eps_ema, proj_ema, rows = train_projection(cfg, run_dir, d, resume=resume, fused=args.fused,
+        eps_ema, proj_ema, rows = train_projection(cfg, run_dir, d, resume=resume, kernels=kernels,
                                                    dataset=dataset, progress=progress, score=score)
     else:
-        eps_ema, proj_ema, rows = train(cfg, run_dir, d, resume=resume, fused=args.fused, dataset=dataset,
+        eps_ema, proj_ema, rows = train(cfg, run_dir, d, resume=resume, kernels=kernels, dataset=dataset,
                                         progress=progress)
     t_train = time.time() - t0
     if d.main and rows:  # recorded now (an earlier evaluation's no longer holds), for --resume after a kill
         write_json({"train_seconds": round(t_train, 1)}, run_dir / "timing.json")
     if not rows:  # resumed only to finish the evaluation: the training time is the one recorded before
         t_train = read_record(run_dir / "timing.json").get("train_seconds")
-    if args.fused:
+    if kernels.nets:
         use_fused([eps_ema, proj_ema])
     if args.no_eval:
         if d.main:
@@ -167,7 +172,7 @@ def _train_and_evaluate(args, d, cfg: C.Config, run_dir, resume, runs_dir, datas
     t1 = time.time()
     inception = build_inception(args.inception_weights, device=d.device) if cfg.eval.metric == "fid" else None
     feats, ref, extra, metric_info = features_and_reference(cfg, d, cache_dir(args, runs_dir), progress, inception)
-    evaluate(cfg, eps_ema, proj_ema, feats, ref, run_dir, d, backend="triton" if args.fused else "auto",
+    evaluate(cfg, eps_ema, proj_ema, feats, ref, run_dir, d, backend=kernels.steps,
              progress=progress, extra_rows=extra, verdicts=not cfg.quick)
     t_eval = time.time() - t1
     if d.main:

@@ -15,14 +15,12 @@ from wgfcore.sde import VPSDE, eps_to_score
 
 from ..data.datasets import make_dataset
 from ..data.order import batches, check_batch
-from ..engine import checkpoint as ckpt
 from ..engine import distributed as D
 from ..engine.config import Config
 from ..engine.errors import UsageError
-from ..engine.loop import loop, loss_fields, make_optimizer
-from ..engine.networks import EMA, build_projection, compiled, frozen_score, use_fused
+from ..engine.loop import fit, make_optimizer
+from ..engine.networks import EMA, Kernels, build_projection, compiled, frozen_score, use_fused
 from ..engine.objectives import ProjectionObjective
-from ..engine.rundir import LossLog
 from ..evaluation.draw import draw
 from ..evaluation.plots import grid_scale, plot_losses, save_grid
 
@@ -86,7 +84,7 @@ def attach_score(args, cfg: Config, resume) -> tuple[Config, object]:
 
 
 def train_projection(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, resume: Path | None = None,
-                     fused: bool = False, dataset=None, progress: bool = True, score=None,
+                     kernels: Kernels = Kernels(), dataset=None, progress: bool = True, score=None,
                      stop_at: int | None = None):
     """Train T alone on the frozen score of cfg.score_from for cfg.iterations steps (from a checkpoint with
     `resume`). Returns (the frozen score, T's EMA, logged rows); writes T in the export format at the end."""
@@ -102,7 +100,7 @@ def train_projection(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, res
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     proj_model = build_projection(cfg)
-    if fused:
+    if kernels.nets:
         use_fused([proj_model])
     proj_model = proj_model.to(d.device)
     obj = ProjectionObjective(proj_model, eps_to_score(score, sde), sde, cfg,
@@ -111,46 +109,18 @@ def train_projection(cfg: Config, run_dir: Path, d: D.Dist | None = None, *, res
     opt = make_optimizer(proj_model.parameters(), cfg)
     gen = torch.Generator(device=d.device).manual_seed(int(cfg.seed) * 7919 + d.rank + 1)
 
-    start, last_good = 0, (0, None)
-    if resume is not None:
-        state = ckpt.load_training_state(resume)
-        if int(state["world_size"]) != d.world:
-            raise UsageError(f"{resume} was written by {state['world_size']} processes; resume it with "
-                             f"the same number (got {d.world}) so the data order and noise continue exactly")
-        proj_model.load_state_dict(state["proj"])
-        ema.net.load_state_dict(state["ema_proj"])
-        opt.load_state_dict(state["optimizer"])
-        ckpt.restore_rng(state["rng"][d.rank], {"loss_noise": gen})
-        start = int(state["step"])
-        last_good = (start, Path(resume))
-
-    model = obj
-    if d.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            obj, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    groups = [("proj", list(proj_model.parameters()))]
-    log = LossLog(run_dir / "losses.csv", loss_fields(groups), start if resume is not None else None,
-                  run_dir / "tensorboard") if d.main else None
-    stop = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
-
-    def save(done):
-        snap = bool(cfg.snapshot_every) and done % cfg.snapshot_every == 0
-        state = ckpt.training_state(done, cfg, d, None, proj_model, None, ema.net, opt, {"loss_noise": gen})
-        path = ckpt.save_checkpoint(state, run_dir / "checkpoints", done, keep_snapshot=snap) if d.main else None
-        D.barrier(d)
-        return path
-
     def sample(done):
         obj.eval()
         with torch.no_grad():
             x, _ = draw(score, ema.net, sde, "predict_project", 20, min(64, cfg.eval.grid), cfg, d,
-                        seed=cfg.seed + 10_000, backend="triton" if fused else "auto")
+                        seed=cfg.seed + 10_000, backend=kernels.steps)
         save_grid(x, run_dir / "samples" / f"train_step{done:08d}_pp20.png", scale=grid_scale(cfg))
         obj.train()
 
-    rows = loop(model=model, opt=opt, batches=batches(dataset, cfg, d, start, stop), cfg=cfg, d=d, start=start,
-                stop=stop, generator=gen, clip_groups=groups, emas=[(ema, proj_model)], log=log, save=save,
-                last_good=last_good, watch=[proj_model], sample=sample, progress=progress)
+    rows = fit(objective=obj, trained={"proj": (proj_model, ema)}, opt=opt, gen=gen, cfg=cfg, d=d, run_dir=run_dir,
+               batches_from=lambda start, stop: batches(dataset, cfg, d, start, stop), resume=resume,
+               stop_at=stop_at, sample=sample, progress=progress)
+    stop = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
     if d.main:
         plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
         if stop == cfg.iterations:

@@ -12,7 +12,7 @@ import torch
 from ..engine import config as C
 from ..engine.checkpoint import load_run
 from ..engine.errors import UsageError
-from ..engine.networks import all_finite, check_compile, compiled, use_fused
+from ..engine.networks import all_finite, check_compile, compiled, kernels_for, use_fused
 from ..engine.rundir import claim_existing, make_folder, update_record
 from ..evaluation.evaluate import evaluate
 from ..evaluation.fid import build_inception
@@ -63,19 +63,21 @@ def eval_job(args, d) -> int:
         raise UsageError(f"this run's metric is {cfg.eval.metric!r}; evaluate it with --fid")
     backend_compile = args.compile if args.compile is not None else cfg.compile
     check_compile(backend_compile)
+    kernels = kernels_for(args.fused, d.device, args.triton_interpreter)
     cache_dir = Path(args.cache_dir) if args.cache_dir else run.parent / ".cache"
     make_folder(cache_dir, "cache folder", "--cache-dir")
     lock = claim_existing(run) if d.main else None
     t0 = time.time()
     try:
-        if args.fused:
+        if kernels.nets:
             if d.device.type != "cuda" and d.main:
-                print("warning: --fused on CPU runs the Triton kernels in the interpreter (slow)", file=sys.stderr)
+                print("warning: --triton-interpreter runs the Triton kernels in the interpreter (slow)",
+                      file=sys.stderr)
             use_fused([eps_net, proj_net])
         eps_net, proj_net = compiled(eps_net, backend_compile), compiled(proj_net, backend_compile)
         feats, ref, extra, info = features_and_reference(cfg, d, cache_dir, progress, inception, args.ref_stats)
         prefix = "fid_" if args.fid else ""
-        evaluate(cfg, eps_net, proj_net, feats, ref, run, d, backend="triton" if args.fused else "auto",
+        evaluate(cfg, eps_net, proj_net, feats, ref, run, d, backend=kernels.steps,
                  progress=progress, prefix=prefix, extra_rows=extra, verdicts=not (cfg.quick or args.quick))
         if d.main:  # what export reads; the training time recorded before stays
             update_record(run / "timing.json", **{f"{prefix}eval_seconds": round(time.time() - t0, 1)},
