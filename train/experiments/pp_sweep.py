@@ -38,6 +38,9 @@ from . import pp_sweep_report as R
 from .pp_sweep_cost import PROJ, comparators
 from .pp_sweep_report import GRID, S, cell_name
 
+#: the step backend of every cell and timing: the torch path, which every cached cell was drawn with ("auto" now
+#: picks the C++ backend on a CPU and Triton on CUDA, whose noise streams differ for the same seed)
+BACKEND = "torch"
 #: samplers of the cell kinds: (sampler name, draws a Tweedie T from the score)
 SAMPLER = {"em": ("euler_maruyama", False), "heun": ("heun_ode", False), "pp": ("predict_project", False),
            "tweedie": ("predict_project", True), "tweedie_free": ("predict_project_tweedie", False)}
@@ -141,7 +144,7 @@ def draw_cell(path: str, kind: str, steps: int, dp, n: int, out: str) -> float:
     with torch.no_grad():
         for b in range(math.ceil(n / B)):
             x, _ = draw(eps, proj, VPSDE(), sampler, steps, min(B, n - b * B), cfg, Dist(),
-                        seed=int(cfg.seed) * 100_003 + 12_345 + b, backend="auto",
+                        seed=int(cfg.seed) * 100_003 + 12_345 + b, backend=BACKEND,
                         delta_p=dp if kind not in ("em", "heun") else None, tweedie=tweedie)
             feats.append(_W["features"](x))
     seconds = time.time() - t0
@@ -162,7 +165,7 @@ def timing_session(paths: dict, log):
             sampler, tweedie = SAMPLER[key.split(":")[0]]
             with torch.no_grad():
                 draw(eps.eval(), proj.eval(), VPSDE(), sampler, S["timing_steps"], S["batch"], cfg, Dist(), seed=0,
-                     backend="auto", delta_p=1.0 if sampler.startswith("predict") else None, tweedie=tweedie)
+                     backend=BACKEND, delta_p=1.0 if sampler.startswith("predict") else None, tweedie=tweedie)
         return Cost.interleaved(run_one, keys, S["timing_rounds"], S["timing_steps"], S["batch"], log)
     return measure
 

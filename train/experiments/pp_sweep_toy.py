@@ -39,7 +39,7 @@ from ..jobs.toy import reference_set, train_toy
 from . import pp_sweep_cost as Cost
 from . import pp_sweep_doc as D
 from . import pp_sweep_report as R
-from .pp_sweep import SAMPLER, _floats, available
+from .pp_sweep import BACKEND, SAMPLER, _floats, available
 from .pp_sweep_cost import PROJ, comparators
 from .pp_sweep_report import GRID, cell_name
 
@@ -112,7 +112,7 @@ def draw_toy(out: str, seed: int, width: int, score: str, kind: str, steps: int,
     sampler, _ = SAMPLER[kind]
     with torch.no_grad():
         return sample(score_fn, (n, 2), steps, sampler=sampler, proj_fn=proj_fn, seed=seed + 1,
-                      delta_p=dp if kind not in ("em", "heun") else None)
+                      delta_p=dp if kind not in ("em", "heun") else None, backend=BACKEND)
 
 
 def cell_w2(out: str, key, seed: int, width: int, score: str, kind: str, steps: int, dp, n: int, settings: dict):
