@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from wgfcore.adapters import DiscreteVP, alpha_bar_at, ddpm_betas, from_diffusers, timestep_from_alpha2
+from wgfcore.adapters import KWON_SCHEDULE, DiscreteVP, alpha_bar_at, ddpm_betas, from_diffusers, timestep_from_alpha2
 from wgfcore.scores import gaussian
 from wgfcore.sde import VPSDE
 
@@ -109,7 +109,7 @@ def test_schedule_from_config_or_table_and_refusals():
 
 
 def test_discrete_vp_hits_the_table():
-    betas = ddpm_betas(10, "sigmoid", 1e-5, 5e-3)
+    betas = ddpm_betas(**KWON_SCHEDULE)  # Kwon et al.'s 10-step table
     sde = DiscreteVP.from_betas(betas)
     ab = torch.cumprod(1 - betas, 0)
     t = sde.step_time(torch.arange(10))
@@ -121,3 +121,14 @@ def test_discrete_vp_hits_the_table():
     # the DDPM forward step x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z has the marginals of perturb
     m, _ = sde.marginal(torch.ones(1, 2, dtype=torch.float64), t[-1])
     assert torch.allclose(m, torch.sqrt(ab[-1]) * torch.ones(1, 2, dtype=torch.float64))
+
+
+def test_kwon_schedule_is_the_notebooks():
+    # Kwon et al.'s notebook: 10 steps, sigmoid from 1e-5 to 1e-2, so alpha_bar_T = 0.951 (the tutorial's
+    # 5e-3 would give 0.975)
+    assert KWON_SCHEDULE == {"num_train_timesteps": 10, "beta_schedule": "sigmoid", "beta_start": 1e-5,
+                             "beta_end": 1e-2}
+    betas = ddpm_betas(**KWON_SCHEDULE)
+    top = 1e-5 + (1e-2 - 1e-5) * float(torch.sigmoid(torch.tensor(6.0, dtype=torch.float64)))
+    assert float(betas[-1]) == pytest.approx(top, rel=1e-12)
+    assert abs(float(torch.prod(1 - betas)) - 0.9510) < 1e-4

@@ -145,7 +145,9 @@ def test_kwon_experiment_small(tmp_path):
     from train.run import main, parser
 
     def experiment(*argv):
-        return kwon_bound.experiment(parser().parse_args(["kwon", *argv]))
+        args = parser().parse_args(["kwon", *argv])
+        args.argv = ["kwon", *argv]  # as train/run.py's main sets it
+        return kwon_bound.experiment(args)
 
     res = experiment("--small", "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "doc.md"),
                      "--figures", str(tmp_path / "fig"))
@@ -160,8 +162,19 @@ def test_kwon_experiment_small(tmp_path):
     # the stratified W2 removes the mode-mass noise that dominates the plain W2 of true samples
     fl = res["ours"][0]
     assert fl["iid_W2_modes"][0] < 0.2 * fl["iid_W2_all"][0]
-    # --render rebuilds the table from the run's CSV and floors without training
-    again = experiment("--small", "--render", str(tmp_path / "out"), "--doc", str(tmp_path / "re.md"))
+    # Kwon et al.'s notebook schedule by default: sigmoid 1e-5 .. 1e-2 (alpha_bar_T 0.951)
+    assert "sigmoid beta 1e-05..0.01 (alpha_bar_T = 0.9510)" in doc
+    # the slope per regime, with intervals that respect the checkpoints' serial dependence
+    assert "Theil–Sen slope [block bootstrap 95%]" in doc and "per-run slopes" in doc and "upper bound" in doc
+    # --render rebuilds the table from the run's own record (options, CSV, floors) without training ...
+    again = experiment("--render", str(tmp_path / "out"), "--doc", str(tmp_path / "re.md"))
     assert again["kwon"][2]["fit"] == res["kwon"][2]["fit"]
-    assert (tmp_path / "re.md").read_text().count("| 0 |") == len(rows)
+    re_doc = (tmp_path / "re.md").read_text()
+    assert sum(line.startswith(("| 0 | ascent |", "| 0 | descent |")) for line in re_doc.splitlines()) == len(rows)
+    assert "--small" in re_doc and "re-rendered from the run's record" in re_doc
+    assert "minimised for 60 " in re_doc  # --small's length, from the record
+    # ... and refuses flags that would describe another run
+    assert main(["kwon", "--render", str(tmp_path / "out"), "--iters", "20000", "--doc", str(tmp_path / "x.md")]) == 2
+    assert not (tmp_path / "x.md").exists()
+    assert main(["kwon", "--render", str(tmp_path / "nothing"), "--doc", str(tmp_path / "x.md")]) == 2
     assert main(["kwon", "--configs", "kwon,nope", "--out", str(tmp_path / "bad")]) == 2

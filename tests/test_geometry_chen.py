@@ -212,6 +212,11 @@ def test_command_end_to_end_on_a_tiny_untrained_unet(tmp_path, monkeypatch):
     assert summ["nn_end_median_spacings"]["opt"] < 1e-9 and summ["step"] == 3
     text = md.read_text()
     assert text == (out / "chen_results.md").read_text() and text.count("\n| ") == N + 2  # header + N + 1 rows
+    # the two measures of D_theta's departure from D* are both named, with the sigma where each is extreme
+    rms = [float(r["dtheta_dstar_rms_median"]) for r in rows[:N]]
+    line = next(ln for ln in text.splitlines() if ln.startswith("- How far D_θ is from D*"))
+    assert f"largest at σ = {float(rows[int(max(range(N), key=rms.__getitem__))]['sigma']):.3g}" in line
+    assert "holds only for the relative measure" in line and "not tested here" in line
     for name in ct.FIGURES:
         assert (figs / name).stat().st_size > 1000
     assert (tmp_path / "runs" / ".cache").is_dir()  # the classifier cache is the one train/run.py uses

@@ -21,12 +21,12 @@ def build_nets(cfg: Config):
     """Score (epsilon) and projection networks for a config: for image datasets the same U-Net twice
     (Ghimire et al. App. B: cfg.preset names a `UNet.from_preset` preset, cfg.net overrides its
     arguments, cfg.proj_net overrides them further for the projection network only; the one reading of
-    these keys is `wgfcore.pretrained.unet_spec`); for the 2-D toy (dataset gmm) the same MLP twice
-    (3 hidden layers of cfg.hidden)."""
+    these keys is `wgfcore.pretrained.unet_spec`); for the 2-D toy (dataset gmm) two MLPs of 3 hidden
+    layers, cfg.hidden wide (T: cfg.proj_net's "hidden", if given)."""
     if cfg.toy:
         from wgfcore.nets.mlp import MLP
 
-        return MLP(2, cfg.hidden, 3), MLP(2, cfg.hidden, 3)
+        return MLP(2, cfg.hidden, 3), MLP(2, cfg.proj_net.get("hidden", cfg.hidden), 3)  # checked by the schema
     return _unet(cfg, projection=False), _unet(cfg, projection=True)
 
 

@@ -215,6 +215,11 @@ def validate(cfg, where: str = "config", partial: bool = False) -> dict:
             raise UsageError(f"{where}: ckpt_every ({cfg['ckpt_every']}) must be a multiple of log_every "
                              f"({cfg['log_every']}), so that every checkpoint follows a finiteness check and a "
                              "resumed run logs the same rows")
+        pn = cfg.get("proj_net") or {}
+        if kind == "gmm" and (set(pn) - {"hidden"} or "hidden" in pn and not (
+                isinstance(pn["hidden"], int) and not isinstance(pn["hidden"], bool) and pn["hidden"] >= 1)):
+            raise UsageError(f"{where}: for dataset gmm, proj_net takes only {{\"hidden\": T's MLP width >= 1}}, "
+                             f"got {json.dumps(pn)[:60]}")
         ecfg = cfg["eval"]
         if kind == "image" and ecfg.get("metric") == "w2" or kind == "gmm" and ecfg.get("metric", "w2") != "w2":
             raise UsageError(f"{where}: eval.metric {ecfg.get('metric')!r} does not fit dataset {cfg['dataset']!r}")

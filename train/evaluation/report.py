@@ -188,7 +188,9 @@ def toy_verdicts(per_seed: dict, label: str, steps, seeds: int) -> list[str]:
     cell starts from the same prior draws and noise: Predict-Project against EM at equal NFE (2N
     steps) and against EM at the same N (what the projection itself changes)."""
     lines = [f"**{label.capitalize()} score**, paired over {seeds} sampling seeds (95% t-interval of the mean "
-             "difference, W2; negative favours Predict-Project):"]
+             "difference, W2; negative favours Predict-Project). The intervals hold the sampling noise of this one "
+             "trained model; training-seed variance is not covered (issue 20's sweep measures it, "
+             "docs/pp_sweep_toy.md):"]
     for n in steps:
         if ("pp", n) not in per_seed:
             continue

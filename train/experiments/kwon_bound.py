@@ -3,11 +3,11 @@
 Two configurations on Kwon et al.'s 2-D four-Gaussian mixture, both with their 3x64 softplus
 epsilon-MLP:
 
-  kwon  Kwon et al.'s notebook setup: a 10-step DDPM with the sigmoid beta schedule
-        (sigmoid(linspace(-6, 6, 10)) (beta_end - beta_start) + beta_start, default 1e-5 .. 5e-3, the
-        values of the 2-D DDPM tutorial the notebook builds on; the seed text does not state them),
-        ancestral sampling (variance beta_i, no noise on the last step) that starts from the
-        *forward-noised data batch* x_T ~ q(x_T | x_0), so W2(p_T, q_T) = 0.
+  kwon  Kwon et al.'s notebook setup (Score_Wasserstein.ipynb, `wgfcore.adapters.KWON_SCHEDULE`): a 10-step
+        DDPM with the sigmoid beta schedule sigmoid(linspace(-6, 6, 10)) (beta_end - beta_start) + beta_start
+        from 1e-5 to 1e-2 (--beta-end 5e-3 gives the 2-D DDPM tutorial's schedule, which this study used
+        before issue 20), ancestral sampling (variance beta_i, no noise on the last step) that starts from
+        the *forward-noised data batch* x_T ~ q(x_T | x_0), so W2(p_T, q_T) = 0.
   ours  this project's VP-SDE (b 0.1 .. 20, ALGORITHMS §1), Euler-Maruyama on the reverse SDE
         (--em-steps) from the prior N(0, I), t in [1e-3, 1].
 
@@ -33,10 +33,12 @@ checkpoint:
 
     python train/run.py kwon --out runs/kwon_bound --doc docs/kwon_results.md --figures docs/figures
 
-writes kwon_bound.csv, kwon_w2_vs_j.png and kwon_bound.png into --out, the table to --doc and the two
-figures to --figures (when given). `--small` is the seconds-long version the test suite runs. The two
-configurations are train/experiments/kwon_setups.py, the table and figures kwon_report.py; training
-runs through the engine's loop (train.engine.loop).
+writes kwon_bound.csv, kwon_run.json (the options it ran with), kwon_w2_vs_j.png and kwon_bound.png into
+--out, the table to --doc and the two figures to --figures (when given). `--render DIR` remakes the table
+and figures from DIR's own record (kwon_run.json, the CSV, the floors), never from the flags given.
+`--small` is the seconds-long version the test suite runs. The two configurations are
+train/experiments/kwon_setups.py, the table and figures kwon_report.py; training runs through the
+engine's loop (train.engine.loop).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wgfcore.adapters import KWON_SCHEDULE
 from wgfcore.bounds import kwon_bound_constant, one_sided_lipschitz
 from wgfcore.nets.mlp import MLP
 from wgfcore.scores import kwon_mixture
@@ -83,16 +86,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--floor-seeds", type=at_least(2), default=5,
                    help="seeds for the floors' mean and sd (the spread needs two draws)")
     p.add_argument("--em-steps", type=pos_int, default=500, help="ours: Euler-Maruyama steps")
-    p.add_argument("--ddpm-steps", type=at_least(2), default=10, help="kwon: DDPM steps")
-    p.add_argument("--beta-start", type=float, default=1e-5, help="kwon: sigmoid schedule's first beta")
-    p.add_argument("--beta-end", type=float, default=5e-3, help="kwon: sigmoid schedule's last beta")
+    p.add_argument("--ddpm-steps", type=at_least(2), default=KWON_SCHEDULE["num_train_timesteps"],
+                   help="kwon: DDPM steps (default: Kwon et al.'s 10)")
+    p.add_argument("--beta-start", type=float, default=KWON_SCHEDULE["beta_start"],
+                   help="kwon: sigmoid schedule's first beta (default: Kwon et al.'s 1e-5)")
+    p.add_argument("--beta-end", type=float, default=KWON_SCHEDULE["beta_end"],
+                   help="kwon: sigmoid schedule's last beta (default: Kwon et al.'s 1e-2; 5e-3 is the 2-D DDPM "
+                        "tutorial's, used here before issue 20)")
     p.add_argument("--n-t", type=pos_int, default=400, help="ours: time draws for J")
     p.add_argument("--n-x", type=pos_int, default=256, help="x draws per time for J")
     p.add_argument("--lip-times", type=pos_int, default=40, help="ours: time intervals for L_s(t)")
     p.add_argument("--lip-points", type=pos_int, default=256, help="points per time for L_s (plus a 17x17 grid)")
     p.add_argument("--render", type=path, default=None,
-                   help="re-render the table and figures from a finished run's --out folder (no training); "
-                        "pass the run's other options too")
+                   help="re-render the table and figures from a finished run's --out folder (no training), with "
+                        "the options that run recorded (kwon_run.json); only --doc and --figures may be given")
     p.add_argument("--small", action="store_true", help="seconds-long smoke version (the test suite runs it)")
     p.add_argument("--threads", type=threads, default=1)
 
@@ -112,6 +119,35 @@ def check_arguments(args) -> None:
         raise UsageError("need 0 < --beta-start < --beta-end < 1")
     if not 0 < args.lr < float("inf"):
         raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
+
+
+#: the options that define a run (recorded in kwon_run.json; --render takes them from there)
+STUDY_OPTIONS = ("configs", "seed", "runs", "ascent", "ascent_checkpoints", "iters", "checkpoints", "batch", "lr",
+                 "n_samples", "floor_seeds", "em_steps", "ddpm_steps", "beta_start", "beta_end", "n_t", "n_x",
+                 "lip_times", "lip_points", "threads", "small")
+
+
+def from_record(args) -> float | None:
+    """--render: set args' study options from the run's kwon_run.json; an option given on the command line
+    (other than --render, --doc, --figures) is an error, since the document must describe the run it is
+    made from. Returns the run's recorded duration in seconds."""
+    rec_file = args.render / "kwon_run.json"
+    try:
+        rec = json.loads(rec_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--render {args.render}: cannot read its record kwon_run.json ({e}); only runs that "
+                         "recorded their options can be re-rendered") from None
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    default = vars(defaults.parse_args([]))
+    given = [k for k in STUDY_OPTIONS + ("out",) if getattr(args, k) != default[k]]
+    if given:
+        raise UsageError(f"--render takes the run's options from {rec_file}; drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in given))
+    for k, v in rec["options"].items():
+        setattr(args, k, v)
+    args.argv = rec["argv"]
+    return rec.get("elapsed_s")
 
 
 def lipschitz_profile(cfg, score_fn, mix, g, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,12 +264,14 @@ def run(args) -> int:
 def experiment(args) -> dict:
     """The whole study (or with --render, its outputs again from a finished run); returns
     {configuration: (floors, rows, summary)}."""
+    elapsed = from_record(args) if args.render is not None else None
     check_arguments(args)
     torch.set_num_threads(args.threads)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {args.out}: cannot create it ({e.strerror})") from None
+    if args.render is None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {args.out}: cannot create it ({e.strerror})") from None
     mix, t0 = kwon_mixture(), time.time()
     cfgs = [SETUPS[c](args) for c in args.configs]
     results, all_rows = {}, []
@@ -255,7 +293,7 @@ def experiment(args) -> dict:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
         plot(dirs, cfgs, results)
-        write_doc(args.doc or args.render / "kwon_results.md", args, cfgs, results, None)
+        write_doc(args.doc or args.render / "kwon_results.md", args, cfgs, results, elapsed, rendered=True)
         return results
     for cfg in cfgs:
         fl, rows = run_config(cfg, mix, args, log)
@@ -273,7 +311,10 @@ def experiment(args) -> dict:
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     plot(dirs, cfgs, results)
-    elapsed = time.time() - t0
+    elapsed = round(time.time() - t0, 1)
+    record = {"argv": list(getattr(args, "argv", None) or ["kwon"]), "elapsed_s": elapsed,
+              "options": {k: getattr(args, k) for k in STUDY_OPTIONS}}
+    (args.out / "kwon_run.json").write_text(json.dumps(record, indent=1))
     write_doc(args.out / "kwon_results.md", args, cfgs, results, elapsed)
     if args.doc is not None:
         write_doc(args.doc, args, cfgs, results, elapsed)
