@@ -73,11 +73,7 @@ def test_step_kernels_move_16_bytes_per_access(quick):
     assert {r["kernel"] for r in ruled} == {"_table_kernel", "_affine_kernel"}
     narrow = [f"{r['scenario']} {r['kernel']} [{r['launch'][:90]}]: {p}" for r in ruled for p in r["problems"]]
     table = [r for r in ruled if r["kernel"] == "_table_kernel"]
-    if any("numel" in r["do_not_specialize"] for r in table):
-        # The known defect of issue 18, fixed in kernels/sampler_step.py by another change: the
-        # check must see it on every table-kernel row; then this test waits for that fix.
-        assert all(any("4 bytes" in p or "2 bytes" in p for p in r["problems"]) for r in table), narrow
-        pytest.xfail("issue 18: _table_kernel has do_not_specialize=['numel'] (4- and 2-byte accesses)")
+    assert not any("numel" in r["do_not_specialize"] for r in table), "issue 18: numel must be specialised"
     assert not narrow, "\n".join(narrow)
 
 
