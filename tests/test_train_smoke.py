@@ -90,14 +90,15 @@ def test_fused_path_runs(tmp_path, tiny_config, interpreter):
     if interpreter:
         pytest.importorskip("triton")
     if torch.cuda.is_available():
-        pytest.skip("the CPU meaning of --fused")
+        pytest.skip("checks what --fused means on a CPU; on a CUDA machine --fused is the compiled Triton path, "
+                    "tested by the device check")
     from wgfcore.backends import resolve_backend
 
     try:
         resolve_backend("cpp", "cpu")
     except ImportError as e:
         if not interpreter:
-            pytest.skip(str(e))
+            pytest.skip(f"--fused on a CPU needs the C++ step kernels: {e}")
     r = _run(["--quick", "--fused", *(["--triton-interpreter"] if interpreter else []), "--config", str(tiny_config),
               "--out", str(tmp_path / "f"), "--iterations", "1", "--eval-rows", "em,pp", "--eval-steps", "2",
               "--eval-samples", "4", "--eval-batch", "4", "--threads", "1", "--no-progress", "--cache-dir",
