@@ -158,6 +158,8 @@ def _build():
             return
         if _ext.NOISE_R != NOISE_R:  # pragma: no cover - a stale build of another layout
             _ext, _error = None, f"the built extension has NOISE_R={_ext.NOISE_R}, expected {NOISE_R}"
+            return
+        _ext.calibrate(torch.empty(0))  # a temporary no one else holds: what a sole output looks like in C++
 
 
 def status() -> str | None:
@@ -311,25 +313,27 @@ class CppSteps:
             t = t.float()
         return C.addressable(t)
 
-    def _step(self, name, i, t0, t1, t2, t3, nt, noisy):
+    def _step(self, name, i, t0, t1, t2, t3, nt, noisy, out):
         tab, n = self._tables[name]
         if not 0 <= i < n:
             raise IndexError(f"CppSteps: step {i} outside the planned table {name!r} of {n} rows")
-        return self._ext.table_step(t0, t1, t2, t3, tab, i, nt, noisy, self._seed_t, self.finite_flag)
+        return self._ext.table_step(t0, t1, t2, t3, tab, i, nt, noisy, self._seed_t, self.finite_flag, out)
 
     # The network output each update reads (kernels.optable's `checked`: s, T, s') is checked
-    # for NaN/inf into finite_flag in the same pass.
-    def predict(self, x, s, table: str, i: int):
-        return self._step(table, i, x, s, x, s, 2, False)
+    # for NaN/inf into finite_flag in the same pass. `out`: a dead tensor (the loop's Run.spare) that
+    # the result is written into when the C++ side finds its memory unshared and torch's own (one
+    # pass less of cold memory per step); otherwise, and for None, a new tensor.
+    def predict(self, x, s, table: str, i: int, out=None):
+        return self._step(table, i, x, s, x, s, 2, False, out)
 
-    def em(self, x, s, table: str, i: int, noisy: bool):
-        return self._step(table, i, x, s, x, s, 2, noisy)
+    def em(self, x, s, table: str, i: int, noisy: bool, out=None):
+        return self._step(table, i, x, s, x, s, 2, noisy, out)
 
-    def project(self, x_pred, T, table: str, i: int, noisy: bool):
-        return self._step(table, i, x_pred, T, x_pred, T, 2, noisy)
+    def project(self, x_pred, T, table: str, i: int, noisy: bool, out=None):
+        return self._step(table, i, x_pred, T, x_pred, T, 2, noisy, out)
 
-    def heun(self, x, s, x_p, s_p, table: str, i: int):
-        return self._step(table, i, x, s, x_p, s_p, 4, False)
+    def heun(self, x, s, x_p, s_p, table: str, i: int, out=None):
+        return self._step(table, i, x, s, x_p, s_p, 4, False, out)
 
     def __repr__(self):
         seed = "<tensor>" if torch.is_tensor(self.seed) else self.seed

@@ -542,16 +542,18 @@ class TritonSteps:
 
     # The network output of each update (kernels.optable: `checked`) is checked for NaN/inf
     # into finite_flag by the kernel that reads it anyway.
-    def predict(self, x, s, table: str, i: int):
+    # `out` (a dead network output the loop could spare) is not used: on a GPU a fresh tensor costs
+    # no pass over memory (the caching allocator), and no measurement says reuse would pay.
+    def predict(self, x, s, table: str, i: int, out=None):
         return self._step(table, i, x, s, x, x, "predict", False)
 
-    def em(self, x, s, table: str, i: int, noisy: bool):
+    def em(self, x, s, table: str, i: int, noisy: bool, out=None):
         return self._step(table, i, x, s, x, x, "em", bool(noisy))
 
-    def project(self, x_pred, T, table: str, i: int, noisy: bool):
+    def project(self, x_pred, T, table: str, i: int, noisy: bool, out=None):
         return self._step(table, i, x_pred, T, x_pred, x_pred, "project", bool(noisy))
 
-    def heun(self, x, s, x_p, s_p, table: str, i: int):
+    def heun(self, x, s, x_p, s_p, table: str, i: int, out=None):
         return self._step(table, i, x, s, x_p, s_p, "heun", False)
 
     def __repr__(self):

@@ -7,7 +7,9 @@ ALGORITHMS §2: a backend does a sampler's per-step updates. Every backend keeps
   (`keyed=True`): a python int in [0, 2**32) or a 0-d int64 tensor on the device;
 - `plan(x, tables)` once per run: `tables` maps an update name (predict, em, project, heun) to its
   (N, K) floating coefficient table on x's device (columns as in `wgfcore.ops.TorchSteps`);
-- `accept(t)` on each network output; `predict/em/project/heun(..., table, i[, noisy])` per step;
+- `accept(t)` on each network output; `predict/em/project/heun(..., table, i[, noisy], out=None)` per
+  step, where `out` may be a network output the body no longer reads and no one else holds
+  (`wgfcore.loop.Run.spare`): the backend may write the result into it, or ignore it;
 - either a `finite_flag` (a 0-d int64 device tensor, `FLAG_CLEAR` until a network output it read
   held a NaN or inf, then the first such step) or `rng_state()` / `set_rng_state(state)`, with
   which the sampler re-runs a failed run to find its first non-finite step.

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
+from weakref import getweakrefcount
 
 import torch
 from tqdm.auto import tqdm
@@ -79,7 +81,9 @@ def register_sampler(name: str, *, nfe_per_step: int, tables: Callable, options:
     `nfe()` and the CUDA-graph path all read the registry; `doc` (default: the body's docstring)
     documents the sampler function. The body runs its steps over `run.steps()` with what the
     `Run` gives it and must carry every network output into the state it returns (the guard relies
-    on it) without writing into its input x in place (a failed run is re-run from it).
+    on it) without writing into its input x in place (a failed run is re-run from it). An update
+    after which the body reads a network output t no more may pass `out=run.spare(t)` (optional: a
+    body that never does is correct, one allocation per update slower on a CPU).
     """
     options = dict(options or {})
     if not isinstance(name, str) or not name:
@@ -177,6 +181,20 @@ def _check_output(out, name, shape, device):
         raise TypeError(f"{name} returned dtype {out.dtype}, expected a floating tensor")
 
 
+def _returned():
+    return object()
+
+
+def _sole_refcount() -> int:
+    """sys.getrefcount of a call's result held by one local name and nothing else, measured in code of
+    the shape of `Run._net` (the count a live object shows differs between CPython versions)."""
+    out = _returned()
+    return sys.getrefcount(out)
+
+
+_SOLE = _sole_refcount()
+
+
 class _NonFinite(Exception):
     def __init__(self, i, what):
         super().__init__(i, what)
@@ -223,7 +241,8 @@ def _plan(spec: SamplerSpec, ts, options, sde, x):
 class Run:
     """What a sampler body sees: `n` steps, per-step network times `t` (N + 1 tensors of shape (B,)),
     noise flags `noisy`, the planned backend `B`, the networks `score(x, t)` / `proj(x, t)` (checked
-    and counted), and `emit(i, x_prev, x, s, **extra)` (None without a callback)."""
+    and counted), `emit(i, x_prev, x, s, **extra)` (None without a callback), and `spare(t)`: the
+    `out=` of an update whose network output t the body reads no more."""
 
     def __init__(self, spec: SamplerSpec, x, ts, options, sde, denoise_last, backend, score_fn, callback=None,
                  progress=False, check=False):
@@ -242,7 +261,7 @@ class Run:
         self._rng = None
         if not check:
             self.mark_noise()
-        self.shape, self.device, self.i, self._calls = x.shape, x.device, 0, [0]
+        self.shape, self.device, self.i, self._calls, self._spare = x.shape, x.device, 0, [0], None
         self.score = self._net(score_fn, "score_fn")
         self.proj = self._net(options.get("proj_fn"), "proj_fn")
         self.callback, self.progress = callback, progress
@@ -275,15 +294,34 @@ class Run:
 
         def net(x, t):
             out = fn(x, t)
+            sole = sys.getrefcount(out) == _SOLE and not getweakrefcount(out)  # the network kept no reference
             calls[0] += 1
             if type(out) is not torch.Tensor or out.shape != shape or out.device != device \
                     or not out.is_floating_point():
                 _check_output(out, name, shape, device)
             if check and not bool(torch.isfinite(out).all()):
                 raise _NonFinite(run.i, name)
-            return accept(out)
+            mine = accept(out)
+            if sole or mine is not out:  # a copy accept() made is the run's own too
+                run._spare = mine
+            return mine
 
         return net
+
+    def spare(self, t):
+        """t when an update may write its result into t, else None: the body's `out=` for an update after
+        which it reads the network output t no more (nor shows it to anyone: without a callback).
+
+        t must be the network output just returned, which no one but this run holds: the network kept
+        no Python reference to it, not even a weak one (numpy's temporary elision makes the same refcount
+        test). The backend
+        checks the memory itself (unshared, its allocator's) before writing into it. This saves a fresh
+        tensor per step, whose memory is cold: on a CPU, one pass over memory of about four.
+        """
+        if t is self._spare and self.emit is None:
+            self._spare = None
+            return t
+        return None
 
     def _emit(self, i, x_prev, x, s, **extra):
         # Tweedie's denoised estimate at the time the score was taken, in the state's dtype.
@@ -340,8 +378,8 @@ class _CheckedSteps:
     def __getattr__(self, op):
         fn = getattr(self._b, op)
 
-        def checked(*args):
-            out = fn(*args)
+        def checked(*args, **kw):
+            out = fn(*args, **kw)
             if not bool(torch.isfinite(out).all()):
                 raise _NonFinite(self._run.i, "state")
             return out

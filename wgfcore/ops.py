@@ -157,7 +157,8 @@ class TorchSteps:
     its (N, K) coefficient table on x's device (predict: c_x, c_s; em: c_x, c_s, c_z; project:
     c_T, c_z; heun: c_x, c_s, c_xp, c_sp); `accept(t)` for each network output; then per step i
     `predict(x, s, table, i)`, `em(x, s, table, i, noisy)`, `project(x_pred, T, table, i, noisy)`,
-    `heun(x, s, x_p, s_p, table, i)`, `table` naming the planned table to read row i of.
+    `heun(x, s, x_p, s_p, table, i)`, `table` naming the planned table to read row i of; each also
+    takes `out=`, a dead tensor the result may be written into (a hint a backend may ignore).
     It has no `finite_flag`, so it offers `rng_state()` / `set_rng_state(state)`: the sampler
     checks the final state once and, only if it is not finite, re-runs from the same noise to find
     the first bad step.
@@ -203,19 +204,20 @@ class TorchSteps:
     def _z(self, x):
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype, out=self._zbuf)
 
-    def predict(self, x, s, table: str, i: int):
+    # `out` (a dead network output the loop could spare) is not used: this is the reference path.
+    def predict(self, x, s, table: str, i: int, out=None):
         c_x, c_s = self._rows[table][i]
         return _predict(x, s, c_x, c_s, self._tmp)
 
-    def em(self, x, s, table: str, i: int, noisy: bool):
+    def em(self, x, s, table: str, i: int, noisy: bool, out=None):
         c_x, c_s, c_z = self._rows[table][i]
         return _em(x, s, self._z(x) if noisy else None, c_x, c_s, c_z, self._tmp)
 
-    def project(self, x_pred, T, table: str, i: int, noisy: bool):
+    def project(self, x_pred, T, table: str, i: int, noisy: bool, out=None):
         c_T, c_z = self._rows[table][i]
         return _project(x_pred, T, self._z(x_pred) if noisy else None, c_T, c_z, self._tmp)
 
-    def heun(self, x, s, x_p, s_p, table: str, i: int):
+    def heun(self, x, s, x_p, s_p, table: str, i: int, out=None):
         return _heun(x, s, x_p, s_p, *self._rows[table][i])
 
 

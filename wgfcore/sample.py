@@ -34,10 +34,10 @@ def _table(C: dict, *cols: str) -> torch.Tensor:
 
 def _em_body(r: Run, x: torch.Tensor) -> torch.Tensor:
     """One network call and one Euler-Maruyama-shaped update x <- c_x x + c_s s + c_z z per step."""
-    score, em, t, noisy, emit = r.score, r.B.em, r.t, r.noisy, r.emit
+    score, em, t, noisy, emit, spare = r.score, r.B.em, r.t, r.noisy, r.emit, r.spare
     for i in r.steps():
         s = score(x, t[i])
-        x_next = em(x, s, "em", i, noisy[i])
+        x_next = em(x, s, "em", i, noisy[i], out=spare(s))
         if emit:
             emit(i, x, x_next, s)
         x = x_next
@@ -98,12 +98,12 @@ def predict_project(r: Run, x: torch.Tensor) -> torch.Tensor:
         x      = x_pred + sqrt(beta) delta_p dtau T(x_pred, t_{i+1})     # project
                  + sqrt(2 beta dtau) z                                   # inject noise
     """
-    score, T_net, B, t, noisy, emit = r.score, r.proj, r.B, r.t, r.noisy, r.emit
+    score, T_net, B, t, noisy, emit, spare = r.score, r.proj, r.B, r.t, r.noisy, r.emit, r.spare
     for i in r.steps():
         s = score(x, t[i])
-        x_pred = B.predict(x, s, "predict", i)
+        x_pred = B.predict(x, s, "predict", i, out=spare(s))
         T = T_net(x_pred, t[i + 1])
-        x_next = B.project(x_pred, T, "project", i, noisy[i])
+        x_next = B.project(x_pred, T, "project", i, noisy[i], out=spare(T))
         if emit:
             emit(i, x, x_next, s, x_pred=x_pred, proj=T)
         x = x_next
@@ -122,12 +122,12 @@ def heun_ode(r: Run, x: torch.Tensor) -> torch.Tensor:
     The grid ends at t_N = eps > 0, so every step, the last included, takes its correction. The
     ODE has no noise, so every step is already noise-free and `denoise_last` changes nothing.
     """
-    score, B, t, emit = r.score, r.B, r.t, r.emit
+    score, B, t, emit, spare = r.score, r.B, r.t, r.emit, r.spare
     for i in r.steps():
         s = score(x, t[i])
-        x_p = B.predict(x, s, "predict", i)
+        x_p = B.predict(x, s, "predict", i)  # s is read again below: not spared
         s_p = score(x_p, t[i + 1])
-        x_next = B.heun(x, s, x_p, s_p, "heun", i)
+        x_next = B.heun(x, s, x_p, s_p, "heun", i, out=spare(s_p))
         if emit:
             emit(i, x, x_next, s, x_pred=x_p)
         x = x_next

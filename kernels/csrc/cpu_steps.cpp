@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/Allocator.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -439,13 +440,40 @@ int64_t dispatch(const at::Tensor& out, const at::Tensor* t, const at::Tensor* z
 
 // --- entry points ------------------------------------------------------------------------------
 
+// Writing a step's result into a dead network output (the sampling loop's `out=`, Run.spare): the
+// loop has seen that no Python name but its own holds the tensor; here the memory itself must be
+// unshared and torch's own, as numpy's temporary elision requires of an array it reuses: no other
+// C++ holder of the tensor (a TorchScript attribute, a saved tensor), no view or storage object
+// sharing its storage, memory from torch's CPU allocator (not numpy's, a file mapping's or a
+// user's buffer), and the state's dtype, size and dense layout. Otherwise the step allocates.
+int64_t g_sole_uses = -1;  // a sole tensor's use count as seen here; set by calibrate(), -1: never reuse
+
+void calibrate(const at::Tensor& fresh) { g_sole_uses = static_cast<int64_t>(fresh.use_count()); }
+
+// `also`: how many other arguments of this call are o itself (each holds one more use).
+bool writable(const at::Tensor& o, const at::Tensor& like, int64_t also) {
+  if (g_sole_uses < 0 || static_cast<int64_t>(o.use_count()) > g_sole_uses + also) return false;
+  const c10::Storage& st = o.storage();
+  return st.use_count() == 1 && st.allocator() == c10::GetAllocator(c10::kCPU) && o.storage_offset() == 0 &&
+         o.scalar_type() == like.scalar_type() && o.sizes().equals(like.sizes()) && o.is_contiguous();
+}
+
 // The sampling loop's step (CppSteps): row i of the packed (N, NT + 1) fp32 table, the noise key
 // from the 0-d int64 seed tensor, and the first step whose checked network output held a NaN or
-// inf lowered into `flag` (a 0-d int64). Inputs were validated once, at plan().
+// inf lowered into `flag` (a 0-d int64). Inputs were validated once, at plan(). `into`: a dead
+// tensor the result may be written into when writable() (each element is read before it is written).
 at::Tensor table_step(const at::Tensor& t0, const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& t3,
                       const at::Tensor& table, int64_t i, int64_t nt, bool noisy, const at::Tensor& seed,
-                      const at::Tensor& flag) {
-  at::Tensor out = at::empty_like(t0);
+                      const at::Tensor& flag, const c10::optional<at::Tensor>& into) {
+  at::Tensor out;
+  if (into.has_value()) {  // counted before any copy below adds uses
+    const c10::TensorImpl* o = into->unsafeGetTensorImpl();
+    int64_t also = (t0.unsafeGetTensorImpl() == o) + (t1.unsafeGetTensorImpl() == o) +
+                   (t2.unsafeGetTensorImpl() == o) + (t3.unsafeGetTensorImpl() == o);
+    if (writable(*into, t0, also)) out = *into;
+  }
+  if (!out.defined()) out = at::empty_like(t0);
+  at::Tensor ts[4] = {t0, t1, t2, t3};
   if (t0.numel() == 0) return out;
   const float* row = table.data_ptr<float>() + i * (nt + 1);
   Coefs c;
@@ -453,7 +481,6 @@ at::Tensor table_step(const at::Tensor& t0, const at::Tensor& t1, const at::Tens
   static const float zero = 0.0f;
   for (int k = 0; k < 4; ++k) c.p[k] = k < nt ? row + k : &zero;
   c.p[4] = row + nt;
-  at::Tensor ts[4] = {t0, t1, t2, t3};
   uint32_t key = static_cast<uint32_t>(*seed.data_ptr<int64_t>());
   int64_t bad = dispatch(out, ts, nullptr, nt, noisy ? NOISE_PHILOX : NOISE_NONE, 1, c, key,
                          static_cast<uint32_t>(i));
@@ -540,6 +567,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_words", &philox_words, "Philox4x32-10 words of a range of counters (tests)");
   m.def("noise", &noise, "the noise of elements [0, numel) in fp32, before rounding (tests)");
   m.def("threads_used", &threads_used, "parallel chunks of one step of n elements");
+  m.def("calibrate", &calibrate, "record a sole tensor's use count (a fresh temporary) for writable()");
+  m.def("writable", &writable, "whether table_step would write its result into this tensor (tests)");
   m.attr("NOISE_R") = R;
   m.attr("SIMD_LANES") = LANES;
 }
