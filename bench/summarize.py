@@ -29,6 +29,7 @@ COLUMNS = [
     ("× hand (wall)", ("speedup_vs_hand_wall",), lambda v: _fmt_ratio(v)),
     ("× torch backend (CPU)", ("speedup_vs_torch_cpu",), lambda v: _fmt_ratio(v)),
     ("2 threads ÷ 1 (wall)", ("speedup_2_threads_wall",), lambda v: _fmt_ratio(v)),
+    ("× without spared outputs (CPU)", ("speedup_of_spared_cpu",), lambda v: _fmt_ratio(v)),
     ("--fused ÷ --quick time (wall)", ("fused_time_over_quick_wall",), lambda v: _fmt_ratio(v)),
     ("eval time torch ÷ cpp", ("eval_speedup_cpp_vs_torch",), lambda v: f"{v:.2f}"),
 ]

@@ -12,6 +12,8 @@ with a distribution-free interval for that median (order statistics, >= 90% cove
   every contestant. Targets: >= 2x for EM and
   Predict-Project, >= 1.5x for PF-ODE and Heun.
 - per-step host overhead at 64x2, N=1000: the C++ backend against the torch backend (>= 1x).
+- what the loop's spared outputs buy (Run.spare: the update written into the network output it
+  read): the C++ backend with them against it without (no target).
 - one fused step (CppSteps.em with noise, predict, project, heun) with its GB/s and share of the
   session's copy_ bandwidth, and two threads against one for the noisy EM step (>= 1.6x).
 
@@ -34,7 +36,7 @@ import torch
 
 from kernels import cpu_steps as cs
 from kernels.optable import OPS
-from wgfcore import ops
+from wgfcore import loop, ops
 from wgfcore.sample import sample
 
 from hand_loop import hand_loop
@@ -220,6 +222,27 @@ def test_host_overhead_64x2(benchmark, sampler):
     for name in fns:
         ex[f"{name}_us_per_step"] = round(1e6 * ex[f"{name}_median_wall_s"] / steps, 2)
     ex["target_met"] = r["cpu"][0] >= 1.0
+
+
+@pytest.mark.parametrize("sampler", ["pf_ode", "euler_maruyama"])
+def test_spared_outputs(benchmark, sampler):
+    """What writing each update into the network output it read (wgfcore.loop.Run.spare) buys: the C++
+    backend with it against the same backend with Run.spare returning None (a fresh tensor per update),
+    64x3x32x32, N = 100, one thread (CPU time). No target: a measurement of the design."""
+    shape, steps = SHAPES["64x3x32x32"]
+    cpp = cpp_run(sampler, shape, steps)
+
+    def fresh():
+        spare, loop.Run.spare = loop.Run.spare, lambda self, t: None
+        try:
+            return cpp()
+        finally:
+            loop.Run.spare = spare
+
+    fns = {"fresh": with_threads(1, fresh), "spared": with_threads(1, cpp)}
+    times = benchmark.pedantic(interleave, args=(fns, 2 * ROUNDS + 1), rounds=1, iterations=1)
+    record_ratio(benchmark, times, "fresh", "spared", "speedup_of_spared")
+    benchmark.extra_info.update(sampler=sampler, shape=list(shape), steps=steps, threads=1, **load_note())
 
 
 STEP_ROWS = {"em": [1.01, -0.02, 0.13], "predict": [1.01, -0.02], "project": [-0.05, 0.13],
