@@ -32,3 +32,16 @@ def tiny(tmp_path_factory):
     p = tmp_path_factory.mktemp("cfg") / "tiny.json"
     p.write_text(json.dumps(TINY))
     return str(p)
+
+
+@pytest.fixture(scope="module")
+def cpp_steps_built():
+    """The C++ step kernels built (the first test that needs them pays the build): a skip naming the
+    missing tool where this machine cannot build them, a failure where the build itself broke."""
+    from kernels import cpu_steps
+
+    reason = cpu_steps.status()
+    if reason is not None:
+        if reason.startswith("the C++ build failed"):
+            pytest.fail(reason)
+        pytest.skip(reason)

@@ -40,13 +40,7 @@ needs_triton = pytest.mark.skipif(ks is None, reason="triton is not installed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    reason = cs.status()
-    if reason is not None:
-        if reason.startswith("the C++ build failed"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+pytestmark = pytest.mark.usefixtures("cpp_steps_built")
 
 
 # --- inputs -------------------------------------------------------------------------------------

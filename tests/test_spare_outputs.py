@@ -21,13 +21,7 @@ SAMPLERS = {"euler_maruyama": {}, "reverse_sde": {"a": 0.0}, "heun_ode": {},
             "predict_project": {"proj_fn": lambda x, t: -0.5 * x}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    reason = cs.status()
-    if reason is not None:
-        if reason.startswith("the C++ build failed"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+pytestmark = pytest.mark.usefixtures("cpp_steps_built")
 
 
 class Recorder:
