@@ -321,8 +321,8 @@ class CppSteps:
 
     # The network output each update reads (kernels.optable's `checked`: s, T, s') is checked
     # for NaN/inf into finite_flag in the same pass. `out`: a dead tensor (the loop's Run.spare) that
-    # the result is written into when the C++ side finds its memory unshared and torch's own (one
-    # pass less of cold memory per step); otherwise, and for None, a new tensor.
+    # the result is written into when the C++ side finds its memory unshared and torch's own (memory
+    # just read, warm in cache, instead of a fresh tensor's cold pages); otherwise, and for None, a new tensor.
     def predict(self, x, s, table: str, i: int, out=None):
         return self._step(table, i, x, s, x, s, 2, False, out)
 

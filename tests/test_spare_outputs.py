@@ -14,7 +14,7 @@ import torch
 
 from kernels import cpu_steps as cs
 from wgfcore import ops
-from wgfcore.sample import TorchSteps, sample
+from wgfcore.sample import TorchSteps, euler_maruyama, sample
 
 SHAPE, N = (4, 3, 8, 8), 6
 SAMPLERS = {"euler_maruyama": {}, "reverse_sde": {"a": 0.0}, "heun_ode": {},
@@ -163,6 +163,14 @@ def test_the_memory_rule_in_cpp():
     assert not ext.writable(torch.randn(4, 3).t(), like, 0)  # not dense in order
     assert not ext.writable(torch.randn(12), like, 0)  # another shape
     assert not ext.writable(torch.randn(4, 4)[1:], like, 0)  # an offset into its storage
+    assert not ext.writable(torch.randn(3, 4, requires_grad=True), like, 0)  # the result would carry its grad_fn
+
+
+def test_an_output_with_autograd_history_is_not_written():
+    """A sampler function called with grad enabled: the state must not take on the network's grad_fn."""
+    w = torch.ones((), requires_grad=True)
+    got = euler_maruyama(lambda x, t: -w * x, torch.randn(SHAPE), ops.time_grid(N), step_backend=cs.CppSteps(0))
+    assert got.grad_fn is None and not got.requires_grad
 
 
 def test_a_network_returning_its_input_and_a_callback_see_their_own_values():

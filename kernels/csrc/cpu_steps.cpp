@@ -445,7 +445,8 @@ int64_t dispatch(const at::Tensor& out, const at::Tensor* t, const at::Tensor* z
 // unshared and torch's own, as numpy's temporary elision requires of an array it reuses: no other
 // C++ holder of the tensor (a TorchScript attribute, a saved tensor), no view or storage object
 // sharing its storage, memory from torch's CPU allocator (not numpy's, a file mapping's or a
-// user's buffer), and the state's dtype, size and dense layout. Otherwise the step allocates.
+// user's buffer), the state's dtype, size and dense layout, and no autograd history (a sampler
+// function called with grad enabled). Otherwise the step allocates.
 int64_t g_sole_uses = -1;  // a sole tensor's use count as seen here; set by calibrate(), -1: never reuse
 
 void calibrate(const at::Tensor& fresh) { g_sole_uses = static_cast<int64_t>(fresh.use_count()); }
@@ -455,7 +456,8 @@ bool writable(const at::Tensor& o, const at::Tensor& like, int64_t also) {
   if (g_sole_uses < 0 || static_cast<int64_t>(o.use_count()) > g_sole_uses + also) return false;
   const c10::Storage& st = o.storage();
   return st.use_count() == 1 && st.allocator() == c10::GetAllocator(c10::kCPU) && o.storage_offset() == 0 &&
-         o.scalar_type() == like.scalar_type() && o.sizes().equals(like.sizes()) && o.is_contiguous();
+         o.scalar_type() == like.scalar_type() && o.sizes().equals(like.sizes()) && o.is_contiguous() &&
+         !o.requires_grad();  // else the result would carry the network's autograd history
 }
 
 // The sampling loop's step (CppSteps): row i of the packed (N, NT + 1) fp32 table, the noise key
